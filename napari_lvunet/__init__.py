@@ -1,0 +1,6 @@
+"""napari-lvunet: LV-UNet segmentation in napari, with the training code to refit it."""
+
+from .model import LVUNet, lvunet, reparameterize_model
+
+__version__ = "0.1.0"
+__all__ = ["LVUNet", "lvunet", "reparameterize_model", "__version__"]
