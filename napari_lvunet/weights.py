@@ -1,0 +1,784 @@
+"""Fused LV-UNet weights: the file format, the model registry, downloads and loading.
+
+A weights file is a ``.safetensors`` file holding the *fused* state dict (the deployment
+form of :func:`napari_lvunet.model.reparameterize_model`) and one JSON string under the
+metadata key ``"napari_lvunet"``::
+
+    {"format": "napari-lvunet", "format_version": 1,
+     "architecture": {"num_classes": 1, "act_num": 1, "fused": true, "in_chans": 3},
+     "act_learn": 1.0, "train_size": [256, 256],
+     "normalization": {"mean": [...], "std": [...]},
+     "tensors_sha256": "<hash of every tensor's name, shape and bytes>",
+     "code_version": "0.1.0+g1234abc", ... the caller's: dataset, split, metrics ...}
+
+safetensors holds only tensors and strings, so opening a file never runs code (a
+PyTorch ``.pt`` pickle can). ``tensors_sha256`` lets a file loaded from disk prove that
+its values are the ones that were written, even without a registry hash.
+
+Registry models are fetched with pooch into :func:`cache_dir` and checked against their
+sha256; the default model ships inside the package (``napari_lvunet/_weights``) so that
+segmentation works offline on first use. Every rejection raises :class:`WeightsError`
+with a message that names the file and the problem, and a rejected file is never used.
+
+Environment variables:
+    ``NAPARI_LVUNET_CACHE``: folder for downloaded weights (default
+    ``pooch.os_cache("napari-lvunet")``).
+    ``NAPARI_LVUNET_BASE_URL``: where registry files are downloaded from (the URL of a
+    folder; each file is ``<base URL>/<filename>``). There is no public default yet.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import struct
+import subprocess
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import pooch
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from .model import LVUNet, reparameterize_model
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, TRAIN_SIZE
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "FORMAT_VERSION",
+    "LoadedModel",
+    "ModelEntry",
+    "WeightsError",
+    "base_url",
+    "bundled_dir",
+    "cache_dir",
+    "code_version",
+    "fetch_weights",
+    "file_sha256",
+    "is_available_offline",
+    "load_model",
+    "read_metadata",
+    "registry",
+    "save_weights",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Version of the metadata layout; files from a newer version are refused, not guessed at.
+FORMAT_VERSION = 1
+#: Registry name of the model the widget selects first.
+DEFAULT_MODEL = "lvunet-kvasir-seg"
+
+CACHE_ENV = "NAPARI_LVUNET_CACHE"
+BASE_URL_ENV = "NAPARI_LVUNET_BASE_URL"
+#: No public hosting exists yet; non-bundled entries need NAPARI_LVUNET_BASE_URL.
+_DEFAULT_BASE_URL = ""
+
+_METADATA_KEY = "napari_lvunet"
+_FORMAT_NAME = "napari-lvunet"
+# Keys that save_weights derives from the model itself; a caller may not override them.
+_RESERVED_KEYS = frozenset(
+    {"format", "format_version", "architecture", "act_learn", "normalization", "tensors_sha256"}
+)
+_ARCH_KEYS = frozenset({"num_classes", "act_num", "fused", "in_chans"})
+# A fused LV-UNet is ~2 MB per output class; anything this large is not a weights file,
+# and reading it whole into memory would only stall napari.
+_MAX_FILE_BYTES = 256 * 1024**2
+# safetensors' own limit on the JSON header.
+_MAX_HEADER_BYTES = 100 * 1024**2
+_PICKLE_HINT = (
+    "napari-lvunet only opens .safetensors weights: unpickling a PyTorch checkpoint can run "
+    "arbitrary code. Export fused weights with `python -m training.export` and open the "
+    ".safetensors file it writes."
+)
+
+
+class WeightsError(RuntimeError):
+    """A weights file or registry model that cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model in the registry.
+
+    Attributes:
+        name: Registry name shown in the model picker.
+        filename: File name in the package's ``_weights`` folder (bundled) or under the
+            download base URL and in the cache.
+        sha256: Hex SHA-256 of the file's bytes; a download that differs is rejected.
+        description: One line for people choosing a model.
+        bundled: Shipped inside ``napari_lvunet/_weights`` (available offline).
+        meta: Dataset, resolution, metrics, licence, ...
+    """
+
+    name: str
+    filename: str
+    sha256: str
+    description: str
+    bundled: bool = False
+    # hash=False: a mapping is unhashable, and the name and file identify an entry.
+    meta: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+
+
+@dataclass
+class LoadedModel:
+    """A fused model ready for inference, with where it came from.
+
+    Attributes:
+        model: The fused LV-UNet, in eval mode, on the CPU.
+        metadata: The file's metadata (see the module docstring).
+        sha256: Hex SHA-256 of the file's bytes.
+        path: The file the weights were read from.
+        name: Registry name, or the file's stem for a file loaded by path.
+    """
+
+    model: LVUNet
+    metadata: dict[str, Any]
+    sha256: str
+    path: Path
+    name: str
+
+    @property
+    def train_size(self) -> tuple[int, int]:
+        """The (height, width) the model was trained at."""
+        height, width = self.metadata["train_size"]
+        return int(height), int(width)
+
+
+# Models known to the plugin. The default model's fused weights are added here (bundled)
+# by the training run that produces them: file in napari_lvunet/_weights, sha256 from
+# file_sha256(), meta with dataset, split, resolution, test metrics and licence.
+_ENTRIES: tuple[ModelEntry, ...] = ()
+
+
+def registry() -> dict[str, ModelEntry]:
+    """Return the known models by name (a fresh dict; changing it changes nothing)."""
+    return {entry.name: entry for entry in _ENTRIES}
+
+
+def cache_dir() -> Path:
+    """Return the folder downloaded weights are cached in.
+
+    ``$NAPARI_LVUNET_CACHE`` if set, else ``pooch.os_cache("napari-lvunet")`` (for
+    example ``~/.cache/napari-lvunet`` on Linux).
+    """
+    env = os.environ.get(CACHE_ENV, "").strip()
+    return Path(env).expanduser() if env else Path(pooch.os_cache("napari-lvunet"))
+
+
+def base_url() -> str:
+    """Return the URL of the folder registry files are downloaded from.
+
+    ``$NAPARI_LVUNET_BASE_URL`` if set, else the project's default, which is empty: no
+    public hosting exists yet, so downloads need the environment variable.
+    """
+    return os.environ.get(BASE_URL_ENV, "").strip() or _DEFAULT_BASE_URL
+
+
+def bundled_dir() -> Path:
+    """Return the package folder that holds the bundled weights files."""
+    return Path(__file__).resolve().parent / "_weights"
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """Return the package version, plus the git commit when run from a git checkout.
+
+    For example ``"0.1.0+g39db22f"``, with ``".dirty"`` appended when tracked files have
+    uncommitted changes. Never fails: without git, or outside a checkout, it is the
+    package version alone.
+    """
+    from . import __version__  # late: this module may be imported by the package itself
+
+    repo = Path(__file__).resolve().parent.parent
+    # Only ask git about our own checkout, never about whatever folder an installed
+    # package happens to sit in.
+    if not (repo / ".git").exists():
+        return __version__
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    if not commit:
+        return __version__
+    return f"{__version__}+g{commit}" + (".dirty" if status else "")
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Return the hex SHA-256 of a file's bytes (what registry entries pin).
+
+    Raises:
+        OSError: If the file cannot be read.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_by_stat(path: str, size: int, mtime_ns: int) -> str:
+    # Keyed by size and mtime so that the model picker can ask repeatedly without
+    # re-reading files, while a replaced or edited file is hashed again.
+    return file_sha256(path)
+
+
+def _has_hash(path: Path, sha256: str) -> bool:
+    try:
+        if not path.is_file():
+            return False
+        stat = path.stat()
+        return _sha256_by_stat(str(path), stat.st_size, stat.st_mtime_ns) == sha256.lower()
+    except OSError:
+        return False
+
+
+def _entry(name: str, models: Mapping[str, ModelEntry]) -> ModelEntry:
+    try:
+        return models[name]
+    except KeyError:
+        known = ", ".join(sorted(models)) or "none"
+        raise WeightsError(
+            f"unknown model {name!r} (registered models: {known}); to use your own weights "
+            "give the path of a .safetensors file"
+        ) from None
+
+
+def is_available_offline(name: str, *, registry: Mapping[str, ModelEntry] | None = None) -> bool:
+    """Whether a registry model can be loaded without a network connection.
+
+    Args:
+        name: Registry name.
+        registry: Models to look ``name`` up in (default: :func:`registry`).
+
+    Returns:
+        True if the model is bundled with the package, or already downloaded into
+        :func:`cache_dir` with the registered hash.
+
+    Raises:
+        WeightsError: If ``name`` is not in the registry.
+    """
+    models = _registry_or_default(registry)
+    entry = _entry(name, models)
+    folder = bundled_dir() if entry.bundled else cache_dir()
+    return _has_hash(folder / entry.filename, entry.sha256)
+
+
+def _registry_or_default(
+    models: Mapping[str, ModelEntry] | None,
+) -> Mapping[str, ModelEntry]:
+    return registry() if models is None else models
+
+
+def fetch_weights(
+    name: str,
+    *,
+    progressbar: bool | Any = True,
+    registry: Mapping[str, ModelEntry] | None = None,
+) -> Path:
+    """Return the local path of a registry model's file, downloading it if needed.
+
+    Bundled files are checked in place; other files are downloaded with pooch from
+    :func:`base_url` into :func:`cache_dir` on first use. A download whose SHA-256 differs
+    from the registry's is deleted, never used.
+
+    Args:
+        name: Registry name.
+        progressbar: True for a tqdm progress bar on stderr, False for none, or a
+            tqdm-like object (``total``, ``update``, ``reset``, ``close``; napari's
+            ``progress`` works) to report the download to.
+        registry: Models to look ``name`` up in (default: :func:`registry`).
+
+    Returns:
+        Path of the verified file.
+
+    Raises:
+        WeightsError: Unknown name, bundled file missing or damaged, no download location
+            configured, the machine is offline, the server has no such file, or the
+            download's hash does not match.
+    """
+    models = _registry_or_default(registry)
+    entry = _entry(name, models)
+    if entry.bundled:
+        path = bundled_dir() / entry.filename
+        if not path.is_file():
+            raise WeightsError(
+                f"the bundled weights of model {name!r} are missing ({path}): the "
+                "napari-lvunet installation is incomplete; reinstall it"
+            )
+        if not _has_hash(path, entry.sha256):
+            raise WeightsError(
+                f"the bundled weights of model {name!r} ({path}) do not match their "
+                "registered sha256: the file is damaged and was not used; reinstall "
+                "napari-lvunet"
+            )
+        return path
+
+    folder = cache_dir()
+    cached = folder / entry.filename
+    if _has_hash(cached, entry.sha256):
+        return cached
+    url_base = base_url()
+    if not url_base:
+        raise WeightsError(
+            f"model {name!r} is not downloaded yet and no download location is configured: "
+            f"set the environment variable {BASE_URL_ENV} to the URL of the folder that "
+            f"holds {entry.filename}, or copy {entry.filename} into {folder}, or open a "
+            "weights file with 'Load weights from file...'"
+        )
+    fetcher = pooch.create(
+        path=folder,
+        base_url=url_base,
+        registry={entry.filename: f"sha256:{entry.sha256.lower()}"},
+    )
+    url = fetcher.get_url(entry.filename)
+    try:
+        return Path(fetcher.fetch(entry.filename, progressbar=progressbar))
+    except Exception as err:
+        raise _download_error(err, name, entry, url, folder) from err
+
+
+def _download_error(
+    err: Exception, name: str, entry: ModelEntry, url: str, folder: Path
+) -> WeightsError:
+    """Translate what pooch / requests raised into a message for the user."""
+    import requests  # pooch depends on it; imported here as only failures need it
+
+    if isinstance(err, requests.HTTPError) and err.response is not None:
+        status = err.response.status_code
+        if status == 404:
+            return WeightsError(
+                f"model {name!r}: {entry.filename} was not found at {url} (HTTP 404); "
+                f"check {BASE_URL_ENV}, or open a weights file with 'Load weights from file...'"
+            )
+        return WeightsError(
+            f"model {name!r}: the server answered HTTP {status} for {url}; try again later, "
+            "or open a weights file with 'Load weights from file...'"
+        )
+    if isinstance(err, (requests.ConnectionError, requests.Timeout)):
+        return WeightsError(
+            f"model {name!r} could not be downloaded from {url}: this machine appears to be "
+            f"offline (or the server is unreachable: {type(err).__name__}). Connect to the "
+            f"network once (the file is then cached), or copy {entry.filename} "
+            f"(sha256 {entry.sha256}) into {folder}, or open a weights file with "
+            "'Load weights from file...'"
+        )
+    if isinstance(err, ValueError) and "hash" in str(err).lower():
+        return WeightsError(
+            f"model {name!r}: the file downloaded from {url} does not match the registered "
+            f"sha256 {entry.sha256}; it was rejected and deleted, never used. The server may "
+            "hold a different or damaged file."
+        )
+    if isinstance(err, OSError):
+        return WeightsError(f"model {name!r}: could not store the download in {folder}: {err}")
+    return WeightsError(f"model {name!r}: download from {url} failed: {err}")
+
+
+def _json_default(value: Any) -> Any:
+    # numpy and torch scalars carry .item(); paths and tuples are common in configs.
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def _tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().to("cpu").contiguous()
+        header = f"{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode()
+        digest.update(header)
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def save_weights(
+    model: LVUNet,
+    path: str | os.PathLike[str],
+    metadata: Mapping[str, Any],
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write a model's fused weights and metadata as a ``.safetensors`` file.
+
+    An unfused model is fused with :func:`reparameterize_model` (a copy; ``model`` is
+    untouched). The file is written to a temporary name in the same folder and moved into
+    place in one step, so a crash never leaves a half-written file under ``path``.
+
+    Args:
+        model: An LV-UNet, fused or at ``act_learn == 1``.
+        path: Destination; must end in ``.safetensors``. Missing folders are created.
+        metadata: JSON-serialisable facts about the weights, stored as given: dataset,
+            split, metrics, training config ... ``train_size`` (default the preprocessing's
+            ``TRAIN_SIZE``) and ``code_version`` (default :func:`code_version`) may be
+            given; the architecture, ``act_learn``, normalisation and format keys are
+            derived from the model and may not.
+        overwrite: Replace an existing file at ``path``.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: If ``path`` does not end in ``.safetensors``, the model is unfused at
+            ``act_learn != 1`` (fusion would change its outputs), ``metadata`` sets a
+            reserved key or is not JSON-serialisable.
+        TypeError: If ``model`` is not an :class:`LVUNet`.
+        FileExistsError: If ``path`` exists and ``overwrite`` is False.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"weights files end in .safetensors, got {path.name!r}")
+    if not isinstance(model, LVUNet):
+        raise TypeError(f"expected an LVUNet, got {type(model).__name__}")
+    reserved = sorted(_RESERVED_KEYS & set(metadata))
+    if reserved:
+        raise ValueError(f"metadata keys {reserved} are derived from the model; do not pass them")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+
+    fused = model if model.fused else reparameterize_model(model)  # ValueError if act_learn<1
+    tensors = {
+        key: value.detach().to("cpu", torch.float32).contiguous()
+        for key, value in fused.state_dict().items()
+    }
+    meta: dict[str, Any] = {
+        "train_size": list(TRAIN_SIZE),
+        "code_version": code_version(),
+        **metadata,
+        "format": _FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "architecture": {**fused.config, "fused": True, "in_chans": 3},
+        "act_learn": 1.0,
+        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "tensors_sha256": _tensors_sha256(tensors),
+    }
+    try:
+        text = json.dumps(meta, default=_json_default, allow_nan=False, sort_keys=True)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"metadata must be JSON-serialisable (no NaN or infinity): {err}") from err
+    # Checked before writing: a bad train_size would make an unloadable file.
+    _check_metadata(json.loads(text), path)
+    data = save_safetensors_bytes(tensors, metadata={_METADATA_KEY: text})
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        _move_into_place(tmp, path, overwrite)
+    finally:
+        tmp.unlink(missing_ok=True)
+    logger.info(
+        "saved fused LV-UNet weights to %s (sha256 %s)", path, hashlib.sha256(data).hexdigest()
+    )
+    return path
+
+
+def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    # A hard link fails if the destination exists, so a file created meanwhile by
+    # someone else is never replaced. Filesystems without hard links fall back to a
+    # check followed by a rename.
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it") from None
+    except OSError:
+        if path.exists():
+            raise FileExistsError(
+                f"{path} already exists; pass overwrite=True to replace it"
+            ) from None
+        os.replace(tmp, path)
+
+
+def _describe_pickle(head: bytes) -> str | None:
+    """Name the PyTorch checkpoint formats people most often pick by mistake."""
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive, which is how torch.save writes PyTorch (.pt/.pth) checkpoints"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a Python pickle (a PyTorch checkpoint)"
+    return None
+
+
+def _parse_header(head: bytes, file_size: int, path: Path) -> dict[str, Any]:
+    """Parse and sanity-check a safetensors header.
+
+    ``head`` is the file's start, at least up to the end of the header when the file is
+    that long; ``file_size`` is the whole file's length, to detect truncation.
+    """
+    kind = _describe_pickle(head[:8])
+    if kind is not None:
+        raise WeightsError(f"{path} is not a safetensors file: it is {kind}. {_PICKLE_HINT}")
+    not_weights = (
+        f"{path} is not a safetensors weights file; napari-lvunet opens the .safetensors "
+        "files written by `python -m training.export`"
+    )
+    if file_size < 8:
+        raise WeightsError(f"{not_weights} (only {file_size} bytes: empty or truncated)")
+    (header_len,) = struct.unpack("<Q", head[:8])
+    if header_len > _MAX_HEADER_BYTES or head[8:9] not in (b"{", b""):
+        raise WeightsError(not_weights)
+    if 8 + header_len > file_size:
+        raise WeightsError(f"{path} is truncated: its header is incomplete")
+    try:
+        header = json.loads(head[8 : 8 + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise WeightsError(
+            f"{path} is corrupted: its safetensors header is unreadable ({err})"
+        ) from err
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path} is corrupted: its safetensors header is not a JSON object")
+    try:
+        end = max(
+            (int(info["data_offsets"][1]) for key, info in header.items() if key != "__metadata__"),
+            default=0,
+        )
+    except (TypeError, KeyError, IndexError, ValueError) as err:
+        raise WeightsError(f"{path} is corrupted: malformed tensor entry in its header") from err
+    if 8 + header_len + end > file_size:
+        raise WeightsError(
+            f"{path} is truncated: {file_size} bytes, its header describes {8 + header_len + end}"
+        )
+    return header
+
+
+def _metadata_from_header(header: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    raw = (header.get("__metadata__") or {}).get(_METADATA_KEY)
+    if raw is None:
+        raise WeightsError(
+            f"{path} has no napari-lvunet metadata: it was not written by napari-lvunet "
+            "(export weights with `python -m training.export` or napari_lvunet.weights."
+            "save_weights)"
+        )
+    try:
+        metadata = json.loads(raw)
+    except (TypeError, json.JSONDecodeError) as err:
+        raise WeightsError(f"{path}: its napari-lvunet metadata is not valid JSON ({err})") from err
+    _check_metadata(metadata, path)
+    return metadata
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _numbers_close(values: Any, reference: tuple[float, ...]) -> bool:
+    return (
+        isinstance(values, list)
+        and len(values) == len(reference)
+        and all(
+            isinstance(a, (int, float)) and math.isclose(a, b, abs_tol=1e-6)
+            for a, b in zip(values, reference, strict=True)
+        )
+    )
+
+
+def _check_metadata(metadata: Any, path: Path) -> None:
+    """Raise WeightsError unless ``metadata`` describes fused LV-UNet weights we can run."""
+
+    def bad(problem: str) -> WeightsError:
+        return WeightsError(f"{path}: invalid napari-lvunet metadata: {problem}")
+
+    if not isinstance(metadata, dict):
+        raise bad("not a JSON object")
+    if metadata.get("format") != _FORMAT_NAME:
+        raise bad(f"format is {metadata.get('format')!r}, expected {_FORMAT_NAME!r}")
+    version = metadata.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise bad(f"format_version is {version!r}")
+    if version > FORMAT_VERSION:
+        raise WeightsError(
+            f"{path} was written by a newer napari-lvunet (weights format {version}; this "
+            f"version reads format {FORMAT_VERSION}): update napari-lvunet"
+        )
+    arch = metadata.get("architecture")
+    if not isinstance(arch, dict):
+        raise bad("no architecture")
+    unknown = sorted(set(arch) - _ARCH_KEYS)
+    if unknown:
+        raise bad(f"unknown architecture keys {unknown}")
+    for key in ("num_classes", "act_num"):
+        value = arch.get(key)
+        if not _is_positive_int(value):
+            raise bad(f"architecture {key} is {value!r}, expected a positive integer")
+    if arch.get("fused") is not True:
+        raise bad("the weights are not fused (architecture fused must be true)")
+    if arch.get("in_chans", 3) != 3:
+        raise bad(f"in_chans is {arch.get('in_chans')!r}; LV-UNet takes 3-channel RGB input")
+    if metadata.get("act_learn") != 1:
+        raise bad(f"act_learn is {metadata.get('act_learn')!r}; fused weights are exact only at 1")
+    size = metadata.get("train_size")
+    if not (isinstance(size, list) and len(size) == 2 and all(map(_is_positive_int, size))):
+        raise bad(f"train_size is {size!r}, expected [height, width]")
+    norm = metadata.get("normalization")
+    if not (
+        isinstance(norm, dict)
+        and _numbers_close(norm.get("mean"), IMAGENET_MEAN)
+        and _numbers_close(norm.get("std"), IMAGENET_STD)
+    ):
+        raise bad(
+            f"normalization is {norm!r}; napari-lvunet's preprocessing uses the ImageNet "
+            f"mean {list(IMAGENET_MEAN)} and std {list(IMAGENET_STD)}"
+        )
+    digest = metadata.get("tensors_sha256")
+    if not isinstance(digest, str) or len(digest) != 64:
+        raise bad("tensors_sha256 is missing")
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check a weights file's metadata without loading its tensors.
+
+    Args:
+        path: A ``.safetensors`` file written by :func:`save_weights`.
+
+    Returns:
+        The metadata dict (see the module docstring).
+
+    Raises:
+        WeightsError: If the file is missing, is not safetensors (a pickle is recognised
+            and never unpickled), is truncated, or lacks valid napari-lvunet metadata.
+    """
+    path = Path(path)
+    with _open_checked(path) as file:
+        head = file.read(8)
+        if len(head) == 8:
+            (header_len,) = struct.unpack("<Q", head)
+            head += file.read(min(header_len, _MAX_HEADER_BYTES + 1))
+        size = os.fstat(file.fileno()).st_size
+    return _metadata_from_header(_parse_header(head, size, path), path)
+
+
+def _open_checked(path: Path) -> Any:
+    if not path.exists():
+        raise WeightsError(f"weights file not found: {path}")
+    if not path.is_file():
+        raise WeightsError(f"{path} is not a file")
+    try:
+        return open(path, "rb")
+    except OSError as err:
+        raise WeightsError(f"cannot read weights file {path}: {err}") from err
+
+
+def _load_file(path: Path, name: str, expected_sha256: str | None) -> LoadedModel:
+    with _open_checked(path) as file:
+        size = os.fstat(file.fileno()).st_size
+        if size > _MAX_FILE_BYTES:
+            raise WeightsError(
+                f"{path} is {size / 1024**2:.0f} MB, far larger than any LV-UNet weights "
+                "file; it is not a weights file"
+            )
+        try:
+            data = file.read()
+        except OSError as err:
+            raise WeightsError(f"cannot read weights file {path}: {err}") from err
+    # Hash, parse and load the same bytes, so the file cannot change in between.
+    sha256 = hashlib.sha256(data).hexdigest()
+    if expected_sha256 is not None and sha256 != expected_sha256.lower():
+        raise WeightsError(
+            f"{path} does not match the registered sha256 of model {name!r} "
+            f"({expected_sha256}); it was changed or damaged and was not used"
+        )
+    metadata = _metadata_from_header(_parse_header(data, len(data), path), path)
+    arch = {k: v for k, v in metadata["architecture"].items() if k != "in_chans"}
+    try:
+        tensors = load_safetensors_bytes(data)
+    except Exception as err:  # safetensors raises its own error types for bad layouts
+        raise WeightsError(f"{path} is corrupted: safetensors cannot read it ({err})") from err
+
+    model = LVUNet(**arch).eval()
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong_shape = [
+        f"{key} {tuple(tensors[key].shape)} (expected {tuple(expected[key].shape)})"
+        for key in sorted(set(expected) & set(tensors))
+        if tensors[key].shape != expected[key].shape
+    ]
+    wrong_dtype = sorted(k for k, v in tensors.items() if v.dtype != torch.float32)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensors (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:3])})")
+    if wrong_shape:
+        problems.append(f"{len(wrong_shape)} wrong shapes (e.g. {'; '.join(wrong_shape[:3])})")
+    if wrong_dtype:
+        problems.append(f"non-float32 tensors (e.g. {', '.join(wrong_dtype[:3])})")
+    if problems:
+        raise WeightsError(
+            f"{path} does not match the fused LV-UNet architecture {arch}: " + "; ".join(problems)
+        )
+    if _tensors_sha256(tensors) != metadata["tensors_sha256"]:
+        raise WeightsError(
+            f"{path} is corrupted: its weights differ from those it was saved with "
+            "(tensors_sha256 mismatch); it was not used"
+        )
+    if not all(torch.isfinite(t).all() for t in tensors.values()):
+        raise WeightsError(f"{path} contains NaN or infinite weights; it was not used")
+    model.load_state_dict(tensors, strict=True)
+    return LoadedModel(model=model, metadata=metadata, sha256=sha256, path=path, name=name)
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str],
+    *,
+    registry: Mapping[str, ModelEntry] | None = None,
+    progressbar: bool | Any = True,
+) -> LoadedModel:
+    """Load fused LV-UNet weights by registry name or from a ``.safetensors`` file.
+
+    A registry name is fetched (see :func:`fetch_weights`) and its file checked against
+    the registered sha256. Any file is checked completely before a model is returned:
+    safetensors layout, metadata, tensor names and shapes against
+    ``LVUNet(fused=True, **architecture)``, and the tensors' hash. Nothing is ever
+    unpickled.
+
+    Args:
+        name_or_path: A registry name, or the path of a weights file.
+        registry: Models to look names up in (default: :func:`registry`).
+        progressbar: Passed to :func:`fetch_weights` when a download is needed.
+
+    Returns:
+        The fused model (eval mode, CPU) with its metadata, file hash, path and name.
+
+    Raises:
+        WeightsError: With a message naming the model or file and the problem.
+    """
+    models = _registry_or_default(registry)
+    if isinstance(name_or_path, str) and name_or_path in models:
+        entry = models[name_or_path]
+        path = fetch_weights(name_or_path, progressbar=progressbar, registry=models)
+        return _load_file(path, entry.name, entry.sha256)
+    path = Path(name_or_path).expanduser()
+    if isinstance(name_or_path, str) and not path.exists() and path.suffix == "":
+        _entry(name_or_path, models)  # raises: an unknown model name, not a file path
+    return _load_file(path, path.stem, None)
