@@ -1,0 +1,523 @@
+"""The weights file format, the registry's downloads, and every way a file is rejected.
+
+Downloads are served for real by ``http.server`` on 127.0.0.1 (an ephemeral port) in a
+thread; the cache is a per-test folder named by ``NAPARI_LVUNET_CACHE``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import json
+import pickle
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from napari_lvunet import __version__
+from napari_lvunet.model import LVUNet, reparameterize_model
+from napari_lvunet.weights import (
+    FORMAT_VERSION,
+    LoadedModel,
+    ModelEntry,
+    WeightsError,
+    base_url,
+    cache_dir,
+    code_version,
+    fetch_weights,
+    file_sha256,
+    is_available_offline,
+    load_model,
+    read_metadata,
+    registry,
+    save_weights,
+)
+
+SIZE = 128
+CALLER_META = {"dataset": "tiny-test", "split": {"train": ["a", "b"]}, "metrics": {"dice": 0.5}}
+
+
+def _randomize(model: nn.Module) -> None:
+    """Non-trivial BatchNorm statistics, so that a wrong fold would change outputs."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(0.2 * torch.randn(n, generator=gen))
+                m.running_var.copy_(torch.empty(n).uniform_(0.5, 2.0, generator=gen))
+                m.weight.copy_(torch.empty(n).uniform_(0.5, 1.5, generator=gen))
+                m.bias.copy_(0.2 * torch.randn(n, generator=gen))
+
+
+@pytest.fixture(scope="module")
+def trained() -> LVUNet:
+    """An unfused model at the end of deep training (act_learn == 1)."""
+    model = LVUNet()
+    _randomize(model)
+    model.set_act_learn(1.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def weights_file(trained: LVUNet, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A valid weights file; tests copy it before damaging it."""
+    return save_weights(trained, tmp_path_factory.mktemp("w") / "good.safetensors", CALLER_META)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test downloads into its own empty cache, from nowhere unless it says so."""
+    monkeypatch.setenv("NAPARI_LVUNET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("NAPARI_LVUNET_BASE_URL", raising=False)
+    return tmp_path / "cache"
+
+
+def _image() -> torch.Tensor:
+    return torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+
+
+def _copy(src: Path, dst: Path, edit: Callable[[bytes], bytes] = lambda b: b) -> Path:
+    dst.write_bytes(edit(src.read_bytes()))
+    return dst
+
+
+def _rewrite(src: Path, dst: Path, *, tensors=None, meta=None, raw_meta=None) -> Path:
+    """Write a safetensors file with some of ``src``'s parts replaced."""
+    tensors = load_file(src) if tensors is None else tensors
+    if raw_meta is None:
+        meta = read_metadata(src) if meta is None else meta
+        raw_meta = {"napari_lvunet": json.dumps(meta)}
+    save_file(tensors, dst, metadata=raw_meta)
+    return dst
+
+
+# ------------------------------------------------------------------ save and load
+
+
+def test_roundtrip_reproduces_the_fused_model(trained: LVUNet, weights_file: Path) -> None:
+    loaded = load_model(weights_file)
+    assert isinstance(loaded, LoadedModel)
+    assert loaded.model.fused and not loaded.model.training
+    assert next(loaded.model.parameters()).device.type == "cpu"
+    assert loaded.name == "good" and loaded.path == weights_file
+    assert loaded.sha256 == hashlib.sha256(weights_file.read_bytes()).hexdigest()
+    assert loaded.sha256 == file_sha256(weights_file)
+    with torch.no_grad():
+        expected = reparameterize_model(trained)(_image())
+        torch.testing.assert_close(loaded.model(_image()), expected, rtol=0, atol=0)
+        # and the fused model still computes what was trained (float32 rounding only)
+        torch.testing.assert_close(expected, trained(_image()), rtol=1e-4, atol=1e-4)
+
+
+def test_metadata_holds_architecture_recipe_and_callers_facts(weights_file: Path) -> None:
+    meta = read_metadata(weights_file)
+    assert meta["format_version"] == FORMAT_VERSION
+    assert meta["architecture"] == {"num_classes": 1, "act_num": 1, "fused": True, "in_chans": 3}
+    assert meta["act_learn"] == 1.0
+    assert meta["train_size"] == [256, 256]
+    assert meta["normalization"] == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    assert meta["code_version"].startswith(__version__)
+    for key, value in CALLER_META.items():
+        assert meta[key] == value
+    assert load_model(weights_file).metadata == meta
+
+
+def test_save_accepts_numpy_and_torch_scalars_and_multiclass(tmp_path: Path) -> None:
+    np = pytest.importorskip("numpy")
+    model = LVUNet(3, fused=True)
+    meta = {
+        "metrics": {"dice": np.float32(0.25), "iou": torch.tensor(0.125)},
+        "train_size": (128, 256),
+    }
+    path = save_weights(model, tmp_path / "three.safetensors", meta)
+    loaded = load_model(path)
+    assert loaded.model.num_classes == 3
+    assert loaded.metadata["metrics"] == {"dice": 0.25, "iou": 0.125}
+    assert loaded.train_size == (128, 256)
+
+
+def test_save_fuses_a_copy_and_leaves_the_model_untouched(trained: LVUNet, tmp_path: Path) -> None:
+    save_weights(trained, tmp_path / "m.safetensors", {})
+    assert not trained.fused and trained.act_learn == 1.0
+
+
+def test_save_refuses_unfinished_deep_training(tmp_path: Path) -> None:
+    model = LVUNet()
+    model.set_act_learn(0.5)
+    with pytest.raises(ValueError, match="act_learn"):
+        save_weights(model, tmp_path / "m.safetensors", {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_refuses_to_overwrite(trained: LVUNet, weights_file: Path, tmp_path: Path) -> None:
+    target = _copy(weights_file, tmp_path / "kept.safetensors")
+    before = target.read_bytes()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_weights(LVUNet(fused=True), target, {})
+    assert target.read_bytes() == before
+    save_weights(LVUNet(fused=True), target, {}, overwrite=True)
+    assert target.read_bytes() != before
+    assert [p.name for p in tmp_path.iterdir()] == ["kept.safetensors"]  # no temp files left
+
+
+@pytest.mark.parametrize(
+    ("name", "meta", "match"),
+    [
+        ("m.pt", {}, r"\.safetensors"),
+        ("m.safetensors", {"act_learn": 0.5}, "derived from the model"),
+        ("m.safetensors", {"architecture": {}}, "derived from the model"),
+        ("m.safetensors", {"metrics": {"dice": float("nan")}}, "JSON"),
+        ("m.safetensors", {"note": object()}, "JSON"),
+        ("m.safetensors", {"train_size": [256]}, "train_size"),
+    ],
+)
+def test_save_rejects_bad_arguments_before_writing(
+    tmp_path: Path, name: str, meta: dict, match: str
+) -> None:
+    with pytest.raises((ValueError, WeightsError), match=match):
+        save_weights(LVUNet(fused=True), tmp_path / name, meta)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_code_version_names_the_package_version() -> None:
+    version = code_version()
+    assert version == __version__ or version.startswith(f"{__version__}+g")
+
+
+# ------------------------------------------------------------------ rejected files
+
+
+def _flip_data_bytes(data: bytes) -> bytes:
+    # Flip bits in the middle of the tensor data; the header stays valid.
+    mid = len(data) - len(data) // 3
+    return data[:mid] + bytes(b ^ 0x55 for b in data[mid : mid + 64]) + data[mid + 64 :]
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (_flip_data_bytes, "corrupted"),
+        (lambda b: b[:8] + b"\x00" * 32 + b[40:], "not a safetensors"),
+        (lambda b: b[:8] + b"{" + b"\xff" * 20 + b[29:], "corrupted"),
+        (lambda b: b[: len(b) // 2], "truncated"),
+        (lambda b: b[:200], "truncated"),
+        (lambda b: b[:5], "empty or truncated"),
+        (lambda b: b"", "empty or truncated"),
+        (lambda b: b"\x89PNG\r\n\x1a\n" + b[8:], "not a safetensors"),
+    ],
+    ids=[
+        "bitflip",
+        "header-zeroed",
+        "header-garbage",
+        "half",
+        "header-cut",
+        "5-bytes",
+        "empty",
+        "png",
+    ],
+)
+def test_damaged_files_are_rejected(
+    weights_file: Path, tmp_path: Path, edit: Callable[[bytes], bytes], match: str
+) -> None:
+    bad = _copy(weights_file, tmp_path / "bad.safetensors", edit)
+    with pytest.raises(WeightsError, match=match) as info:
+        load_model(bad)
+    assert str(bad) in str(info.value)
+
+
+def test_wrong_architecture_shapes_are_rejected(tmp_path: Path) -> None:
+    two = save_weights(LVUNet(2, fused=True), tmp_path / "two.safetensors", {})
+    meta = read_metadata(two)
+    meta["architecture"]["num_classes"] = 1
+    bad = _rewrite(two, tmp_path / "claims-one.safetensors", meta=meta)
+    with pytest.raises(WeightsError, match=r"wrong shapes.*head\.weight"):
+        load_model(bad)
+
+
+def test_missing_and_unexpected_tensors_are_rejected(weights_file: Path, tmp_path: Path) -> None:
+    tensors = load_file(weights_file)
+    missing = {k: v for k, v in tensors.items() if k != "head.bias"}
+    with pytest.raises(WeightsError, match=r"missing tensors \(e\.g\. head\.bias\)"):
+        load_model(_rewrite(weights_file, tmp_path / "a.safetensors", tensors=missing))
+    extra = {**tensors, "spare.weight": torch.zeros(3)}
+    with pytest.raises(WeightsError, match=r"unexpected tensors \(e\.g\. spare\.weight\)"):
+        load_model(_rewrite(weights_file, tmp_path / "b.safetensors", tensors=extra))
+
+
+def test_unfused_training_weights_are_rejected(trained: LVUNet, tmp_path: Path) -> None:
+    tensors = {k: v.contiguous() for k, v in trained.state_dict().items()}
+    path = tmp_path / "unfused.safetensors"
+    save_file(tensors, path)
+    with pytest.raises(WeightsError, match="no napari-lvunet metadata"):
+        load_model(path)
+
+
+def test_changed_values_with_valid_layout_are_rejected(weights_file: Path, tmp_path: Path) -> None:
+    tensors = load_file(weights_file)
+    tensors["head.bias"] = tensors["head.bias"] + 1.0
+    with pytest.raises(WeightsError, match="tensors_sha256 mismatch"):
+        load_model(_rewrite(weights_file, tmp_path / "edited.safetensors", tensors=tensors))
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda m: m.pop("format"), "format"),
+        (lambda m: m.update(format_version=FORMAT_VERSION + 1), "newer napari-lvunet"),
+        (lambda m: m.update(format_version="1"), "format_version"),
+        (lambda m: m.pop("architecture"), "no architecture"),
+        (lambda m: m["architecture"].update(fused=False), "not fused"),
+        (lambda m: m["architecture"].update(num_classes=0), "num_classes"),
+        (lambda m: m["architecture"].update(depth=5), "unknown architecture keys"),
+        (lambda m: m["architecture"].update(in_chans=1), "in_chans"),
+        (lambda m: m.update(act_learn=0.5), "act_learn"),
+        (lambda m: m.update(train_size="256"), "train_size"),
+        (lambda m: m["normalization"].update(mean=[0.5, 0.5, 0.5]), "normalization"),
+        (lambda m: m.pop("tensors_sha256"), "tensors_sha256"),
+    ],
+)
+def test_invalid_metadata_is_rejected(
+    weights_file: Path, tmp_path: Path, change: Callable[[dict], object], match: str
+) -> None:
+    meta = read_metadata(weights_file)
+    change(meta)
+    bad = _rewrite(weights_file, tmp_path / "meta.safetensors", meta=meta)
+    for reader in (read_metadata, load_model):
+        with pytest.raises(WeightsError, match=match):
+            reader(bad)
+
+
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [(None, "no napari-lvunet metadata"), ({"napari_lvunet": "{not json"}, "not valid JSON")],
+)
+def test_missing_or_unparsable_metadata_is_rejected(
+    weights_file: Path, tmp_path: Path, raw: dict | None, match: str
+) -> None:
+    bad = tmp_path / "raw.safetensors"
+    save_file(load_file(weights_file), bad, metadata=raw)
+    with pytest.raises(WeightsError, match=match):
+        load_model(bad)
+
+
+class _Payload:
+    """Unpickling this object creates a marker file: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickles_are_refused_without_being_unpickled(
+    trained: LVUNet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_torch_load(*args, **kwargs):
+        raise AssertionError("torch.load must not be called on a weights file")
+
+    monkeypatch.setattr(torch, "load", no_torch_load)
+    marker = tmp_path / "code-ran"
+    raw = tmp_path / "evil.pt"
+    raw.write_bytes(pickle.dumps(_Payload(marker), protocol=4))
+    zipped = tmp_path / "checkpoint.pt"
+    torch.save({"state_dict": trained.state_dict(), "payload": _Payload(marker)}, zipped)
+    renamed = _copy(zipped, tmp_path / "renamed.safetensors")
+    for path in (raw, zipped, renamed):
+        with pytest.raises(WeightsError, match="unpickling"):
+            load_model(path)
+        with pytest.raises(WeightsError, match="unpickling"):
+            read_metadata(path)
+    assert not marker.exists()
+
+
+def test_missing_paths_and_unknown_names_are_explained(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match="not found"):
+        load_model(tmp_path / "absent.safetensors")
+    with pytest.raises(WeightsError, match="not a file"):
+        load_model(tmp_path)
+    with pytest.raises(WeightsError, match=r"unknown model 'no-such-model'.*\.safetensors"):
+        load_model("no-such-model")
+
+
+# ------------------------------------------------------------------ registry and downloads
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[str, Path, Callable[[], None]]]:
+    """Serve a folder over HTTP on 127.0.0.1; yields (base URL, folder, stop)."""
+    root = tmp_path / "served"
+    root.mkdir()
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    stopped = threading.Event()
+
+    def stop() -> None:
+        if not stopped.is_set():
+            stopped.set()
+            httpd.shutdown()
+            httpd.server_close()
+            thread.join()
+
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/models", root, stop
+    stop()
+
+
+def _entry(filename: str, sha256: str, *, bundled: bool = False) -> dict[str, ModelEntry]:
+    entry = ModelEntry("remote", filename, sha256, "a test model", bundled, {"dataset": "tiny"})
+    return {entry.name: entry}
+
+
+def _serve(weights_file: Path, root: Path) -> str:
+    (root / "models").mkdir(exist_ok=True)
+    _copy(weights_file, root / "models" / "remote.safetensors")
+    return file_sha256(weights_file)
+
+
+def test_download_verifies_caches_and_then_works_offline(
+    weights_file: Path, server, monkeypatch: pytest.MonkeyPatch, _private_cache: Path
+) -> None:
+    url, root, stop = server
+    models = _entry("remote.safetensors", _serve(weights_file, root))
+    monkeypatch.setenv("NAPARI_LVUNET_BASE_URL", url)
+    assert base_url() == url and cache_dir() == _private_cache
+    assert not is_available_offline("remote", registry=models)
+
+    first = load_model("remote", registry=models, progressbar=False)
+    assert first.name == "remote" and first.path == _private_cache / "remote.safetensors"
+    assert first.sha256 == models["remote"].sha256
+    assert is_available_offline("remote", registry=models)
+
+    stop()  # the server is gone: the cached file must be enough
+    second = load_model("remote", registry=models, progressbar=False)
+    with torch.no_grad():
+        torch.testing.assert_close(second.model(_image()), first.model(_image()), rtol=0, atol=0)
+
+
+def test_download_with_wrong_hash_is_rejected_and_deleted(
+    weights_file: Path, server, monkeypatch: pytest.MonkeyPatch, _private_cache: Path
+) -> None:
+    url, root, _ = server
+    _serve(weights_file, root)
+    models = _entry("remote.safetensors", "0" * 64)
+    monkeypatch.setenv("NAPARI_LVUNET_BASE_URL", url)
+    with pytest.raises(WeightsError, match=r"does not match the registered sha256.*deleted"):
+        fetch_weights("remote", registry=models, progressbar=False)
+    assert not _private_cache.exists() or not any(_private_cache.iterdir())
+    assert not is_available_offline("remote", registry=models)
+
+
+def test_download_404_names_the_url(server, monkeypatch: pytest.MonkeyPatch) -> None:
+    url, _, _ = server
+    monkeypatch.setenv("NAPARI_LVUNET_BASE_URL", url)
+    models = _entry("absent.safetensors", "0" * 64)
+    with pytest.raises(WeightsError, match=rf"not found at {url}/absent\.safetensors \(HTTP 404\)"):
+        load_model("remote", registry=models, progressbar=False)
+
+
+def test_server_down_says_offline_and_what_to_do(
+    monkeypatch: pytest.MonkeyPatch, _private_cache: Path
+) -> None:
+    with socket.socket() as sock:  # a port that nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("NAPARI_LVUNET_BASE_URL", f"http://127.0.0.1:{port}/")
+    models = _entry("remote.safetensors", "0" * 64)
+    with pytest.raises(WeightsError, match="appears to be offline") as info:
+        load_model("remote", registry=models, progressbar=False)
+    message = str(info.value)
+    assert str(_private_cache) in message and "Load weights from file" in message
+
+
+def test_no_download_location_configured(_private_cache: Path) -> None:
+    models = _entry("remote.safetensors", "0" * 64)
+    with pytest.raises(WeightsError, match="no download location is configured") as info:
+        fetch_weights("remote", registry=models, progressbar=False)
+    message = str(info.value)
+    assert "NAPARI_LVUNET_BASE_URL" in message and "Load weights from file" in message
+    assert str(_private_cache) in message
+
+
+def test_a_file_copied_into_the_cache_needs_no_network(
+    weights_file: Path, _private_cache: Path
+) -> None:
+    models = _entry("remote.safetensors", file_sha256(weights_file))
+    _private_cache.mkdir()
+    _copy(weights_file, _private_cache / "remote.safetensors")
+    assert is_available_offline("remote", registry=models)
+    assert load_model("remote", registry=models).sha256 == models["remote"].sha256
+
+
+def test_a_damaged_cached_file_is_downloaded_again(
+    weights_file: Path, server, monkeypatch: pytest.MonkeyPatch, _private_cache: Path
+) -> None:
+    url, root, _ = server
+    models = _entry("remote.safetensors", _serve(weights_file, root))
+    _private_cache.mkdir()
+    cached = _copy(weights_file, _private_cache / "remote.safetensors", _flip_data_bytes)
+    assert not is_available_offline("remote", registry=models)
+    monkeypatch.setenv("NAPARI_LVUNET_BASE_URL", url)
+    assert load_model("remote", registry=models, progressbar=False).sha256 == file_sha256(cached)
+    assert is_available_offline("remote", registry=models)
+
+
+def test_a_missing_bundled_file_is_reported() -> None:
+    models = _entry("not-shipped-in-the-package.safetensors", "0" * 64, bundled=True)
+    assert not is_available_offline("remote", registry=models)
+    with pytest.raises(WeightsError, match=r"bundled weights .* missing.*reinstall"):
+        load_model("remote", registry=models)
+
+
+@pytest.mark.parametrize("name", sorted(registry()))
+def test_registered_models_are_consistent(name: str) -> None:
+    entry = registry()[name]
+    assert entry.name == name and len(entry.sha256) == 64
+    if entry.bundled:  # shipped models must load offline, straight from the package
+        assert is_available_offline(name)
+        loaded = load_model(name)
+        assert loaded.sha256 == entry.sha256 and loaded.model.fused
+
+
+class _RecordingProgress:
+    """The tqdm-like interface pooch reports to (napari's ``progress`` has it too)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.done = 0
+        self.closed = False
+
+    def update(self, n: int) -> None:
+        self.done += n
+
+    def reset(self) -> None:
+        self.done = 0
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_download_reports_progress_to_a_given_bar(
+    weights_file: Path, server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, root, _ = server
+    models = _entry("remote.safetensors", _serve(weights_file, root))
+    monkeypatch.setenv("NAPARI_LVUNET_BASE_URL", url)
+    bar = _RecordingProgress()
+    fetch_weights("remote", registry=models, progressbar=bar)
+    size = weights_file.stat().st_size
+    assert bar.total == size and bar.done == size and bar.closed
