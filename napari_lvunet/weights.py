@@ -53,6 +53,8 @@ from .model import LVUNet, reparameterize_model
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, TRAIN_SIZE
 
 __all__ = [
+    "BASE_URL_ENV",
+    "CACHE_ENV",
     "DEFAULT_MODEL",
     "FORMAT_VERSION",
     "LoadedModel",
@@ -78,6 +80,7 @@ FORMAT_VERSION = 1
 #: Registry name of the model the widget selects first.
 DEFAULT_MODEL = "lvunet-kvasir-seg"
 
+#: Environment variables naming the download cache folder and the download location.
 CACHE_ENV = "NAPARI_LVUNET_CACHE"
 BASE_URL_ENV = "NAPARI_LVUNET_BASE_URL"
 #: No public hosting exists yet; non-bundled entries need NAPARI_LVUNET_BASE_URL.
@@ -90,7 +93,7 @@ _RESERVED_KEYS = frozenset(
     {"format", "format_version", "architecture", "act_learn", "normalization", "tensors_sha256"}
 )
 _ARCH_KEYS = frozenset({"num_classes", "act_num", "fused", "in_chans"})
-# A fused LV-UNet is ~2 MB per output class; anything this large is not a weights file,
+# A fused LV-UNet file is about 2 MB; anything this large is not a weights file,
 # and reading it whole into memory would only stall napari.
 _MAX_FILE_BYTES = 256 * 1024**2
 # safetensors' own limit on the JSON header.
@@ -240,9 +243,9 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _sha256_by_stat(path: str, size: int, mtime_ns: int) -> str:
-    # Keyed by size and mtime so that the model picker can ask repeatedly without
-    # re-reading files, while a replaced or edited file is hashed again.
+def _sha256_by_stat(path: str, inode: int, size: int, mtime_ns: int) -> str:
+    # Keyed by inode, size and mtime so that the model picker can ask repeatedly without
+    # re-reading files, while a replaced (new inode) or edited file is hashed again.
     return file_sha256(path)
 
 
@@ -251,9 +254,18 @@ def _has_hash(path: Path, sha256: str) -> bool:
         if not path.is_file():
             return False
         stat = path.stat()
-        return _sha256_by_stat(str(path), stat.st_size, stat.st_mtime_ns) == sha256.lower()
+        return (
+            _sha256_by_stat(str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            == sha256.lower()
+        )
     except OSError:
         return False
+
+
+def _registry_or_default(
+    models: Mapping[str, ModelEntry] | None,
+) -> Mapping[str, ModelEntry]:
+    return registry() if models is None else models
 
 
 def _entry(name: str, models: Mapping[str, ModelEntry]) -> ModelEntry:
@@ -285,12 +297,6 @@ def is_available_offline(name: str, *, registry: Mapping[str, ModelEntry] | None
     entry = _entry(name, models)
     folder = bundled_dir() if entry.bundled else cache_dir()
     return _has_hash(folder / entry.filename, entry.sha256)
-
-
-def _registry_or_default(
-    models: Mapping[str, ModelEntry] | None,
-) -> Mapping[str, ModelEntry]:
-    return registry() if models is None else models
 
 
 def fetch_weights(
@@ -386,6 +392,8 @@ def _download_error(
             f"(sha256 {entry.sha256}) into {folder}, or open a weights file with "
             "'Load weights from file...'"
         )
+    if isinstance(err, requests.RequestException):
+        return WeightsError(f"model {name!r}: download from {url} failed: {err}")
     if isinstance(err, ValueError) and "hash" in str(err).lower():
         return WeightsError(
             f"model {name!r}: the file downloaded from {url} does not match the registered "
@@ -398,7 +406,7 @@ def _download_error(
 
 
 def _json_default(value: Any) -> Any:
-    # numpy and torch scalars carry .item(); paths and tuples are common in configs.
+    # numpy and torch scalars carry .item(); paths are common in training configs.
     if hasattr(value, "item") and callable(value.item):
         return value.item()
     if isinstance(value, os.PathLike):
@@ -444,8 +452,8 @@ def save_weights(
 
     Raises:
         ValueError: If ``path`` does not end in ``.safetensors``, the model is unfused at
-            ``act_learn != 1`` (fusion would change its outputs), ``metadata`` sets a
-            reserved key or is not JSON-serialisable.
+            ``act_learn != 1`` (fusion would change its outputs), or ``metadata`` sets a
+            reserved key, an invalid ``train_size``, or is not JSON-serialisable.
         TypeError: If ``model`` is not an :class:`LVUNet`.
         FileExistsError: If ``path`` exists and ``overwrite`` is False.
     """
@@ -480,8 +488,10 @@ def save_weights(
         text = json.dumps(meta, default=_json_default, allow_nan=False, sort_keys=True)
     except (TypeError, ValueError) as err:
         raise ValueError(f"metadata must be JSON-serialisable (no NaN or infinity): {err}") from err
-    # Checked before writing: a bad train_size would make an unloadable file.
-    _check_metadata(json.loads(text), path)
+    try:  # checked before writing: a bad train_size would make an unloadable file
+        _check_metadata(json.loads(text), path)
+    except WeightsError as err:
+        raise ValueError(str(err)) from err
     data = save_safetensors_bytes(tensors, metadata={_METADATA_KEY: text})
 
     path.parent.mkdir(parents=True, exist_ok=True)
