@@ -1,0 +1,35 @@
+"""Shared pytest setup for the whole suite.
+
+The suite must never depend on what happens to be cached on the developer's machine,
+so every test session gets a private, empty torch cache, and random draws are seeded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Point torch's cache (TORCH_HOME) at an empty session folder.
+
+    A test that passes only because a file was already cached on the developer's
+    machine would fail on a clean CI clone; an empty cache makes both behave alike.
+    """
+    root = tmp_path_factory.mktemp("caches")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TORCH_HOME", str(root / "torch"))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    """Make every test's random draws reproducible."""
+    import numpy as np
+    import torch
+
+    np.random.seed(0)
+    torch.manual_seed(0)
