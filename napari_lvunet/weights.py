@@ -680,9 +680,9 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(path)
     with _open_checked(path) as file:
         head = file.read(8)
-        if len(head) == 8:
-            (header_len,) = struct.unpack("<Q", head)
-            head += file.read(min(header_len, _MAX_HEADER_BYTES + 1))
+        # An absurd header length is rejected by _parse_header without reading it.
+        if len(head) == 8 and struct.unpack("<Q", head)[0] <= _MAX_HEADER_BYTES:
+            head += file.read(struct.unpack("<Q", head)[0])
         size = os.fstat(file.fileno()).st_size
     return _metadata_from_header(_parse_header(head, size, path), path)
 
