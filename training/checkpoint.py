@@ -1,0 +1,100 @@
+"""Training checkpoints: atomic writes, safe loading, the model they hold.
+
+A checkpoint is a plain dict of tensors and built-in types, saved with ``torch.save``
+and read back only with ``torch.load(..., weights_only=True)``, which refuses to
+unpickle arbitrary objects. It holds the unfused model (for resuming and fine-tuning),
+the optimiser / scheduler / scaler / RNG states, the resolved config, the epoch and the
+metrics; ``training.export`` turns it into fused safetensors for the plugin.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from napari_lvunet.model import LVUNet
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CheckpointError",
+    "atomic_save",
+    "atomic_write_text",
+    "load_checkpoint",
+    "model_from_checkpoint",
+]
+
+CHECKPOINT_FORMAT = "napari-lvunet.train-checkpoint.v1"
+_REQUIRED = ("format", "model", "model_config", "epoch", "config")
+
+
+class CheckpointError(ValueError):
+    """A file is not a usable training checkpoint; the message says why."""
+
+
+def _atomic_write(path: Path, write: Any) -> Path:
+    # Write a temporary file next to the target, fsync it, then rename over the target:
+    # a crash at any moment leaves either the old file or the new one, never a torn one.
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # persist the rename itself
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass  # not every filesystem lets a directory be fsynced; the rename still happened
+    return path
+
+
+def atomic_save(obj: Mapping[str, Any], path: str | Path) -> Path:
+    """``torch.save`` ``obj`` to ``path`` atomically (temporary file + rename)."""
+    return _atomic_write(Path(path), lambda f: torch.save(dict(obj), f))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a training checkpoint safely (``weights_only=True``) onto the CPU.
+
+    Raises:
+        CheckpointError: If the file is missing, unreadable, or not a training checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt, truncated, or holding pickled objects
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a napari-lvunet training checkpoint")
+    missing = [k for k in _REQUIRED if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: Mapping[str, Any]) -> LVUNet:
+    """Rebuild the (unfused) model of a checkpoint, in eval mode on the CPU."""
+    cfg = dict(ckpt["model_config"])
+    model = LVUNet(int(cfg["num_classes"]), act_num=int(cfg["act_num"]), fused=bool(cfg["fused"]))
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
