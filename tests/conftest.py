@@ -1,7 +1,8 @@
 """Shared pytest setup for the whole suite.
 
 The suite must never depend on what happens to be cached on the developer's machine,
-so every test session gets a private, empty torch cache, and random draws are seeded.
+so every test session gets private, empty caches (torch's and napari-lvunet's weights
+and ONNX cache), and random draws are seeded.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Point torch's cache (TORCH_HOME) at an empty session folder.
+    """Point torch's and napari-lvunet's caches at an empty session folder.
 
     A test that passes only because a file was already cached on the developer's
     machine would fail on a clean CI clone; an empty cache makes both behave alike.
@@ -21,6 +22,7 @@ def _isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]
     root = tmp_path_factory.mktemp("caches")
     mp = pytest.MonkeyPatch()
     mp.setenv("TORCH_HOME", str(root / "torch"))
+    mp.setenv("NAPARI_LVUNET_CACHE", str(root / "napari-lvunet"))
     yield
     mp.undo()
 
