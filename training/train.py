@@ -36,7 +36,6 @@ import logging
 import math
 import os
 import random
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -51,6 +50,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from napari_lvunet.model import SIZE_DIVISOR, LVUNet
 from napari_lvunet.preprocess import TRAIN_SIZE, normalize
+from napari_lvunet.weights import code_version
 
 from .checkpoint import (
     CHECKPOINT_FORMAT,
@@ -69,7 +69,6 @@ __all__ = [
     "TrainConfig",
     "act_learn_at",
     "autocast_dtype",
-    "code_version",
     "main",
     "select_device",
     "train",
@@ -193,25 +192,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cpu" and _cpu_has_bf16():
         return torch.bfloat16
     return None
-
-
-def code_version() -> str:
-    """The git commit of this code (with ``+dirty`` for local changes), or ``unknown``."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "training", "napari_lvunet"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (commit + ("+dirty" if dirty else "")) if commit else "unknown"
 
 
 @dataclass

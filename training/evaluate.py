@@ -1,0 +1,307 @@
+"""Evaluate LV-UNet weights on a dataset split at the images' original resolution.
+
+Launch::
+
+    python -m training.evaluate --data ../shared/datasets/kvasir-seg --weights runs/kvasir/best.pt
+    python -m training.evaluate --data DIR --weights lvunet-kvasir-seg --split test --csv out.csv
+
+Each image goes through the plugin's "resize" path: ``to_unit_rgb``, a bilinear
+(antialiased) resize to the training size, the network, the logits resized back to the
+original size (bilinear) and thresholded at probability 0.5. The prediction is compared
+with the original mask, binarised as in training. Dice, IoU, precision and recall are
+computed per image and averaged per image (each image counts once), as the LV-UNet paper
+reports. Empty masks: see :mod:`training.metrics` (both empty -> Dice 1 and IoU 1).
+
+``--weights`` is a registry name, a fused ``.safetensors`` file, or a training checkpoint
+(``.pt``, read with ``weights_only=True``); a checkpoint at ``act_learn == 1`` is
+evaluated both unfused (as trained) and fused (as deployed), and the two must agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from napari_lvunet.model import LVUNet, reparameterize_model
+from napari_lvunet.preprocess import normalize
+
+from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from .data import DatasetError, Pair, find_pairs, load_pair, resize_image, resolve_splits
+from .metrics import METRIC_NAMES, segmentation_metrics
+
+__all__ = [
+    "EvaluationError",
+    "Models",
+    "evaluate",
+    "evaluate_pairs",
+    "format_table",
+    "load_models",
+    "select_pairs",
+    "summarize",
+    "write_csv",
+]
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test", "all")
+
+
+class EvaluationError(ValueError):
+    """The weights or the split cannot be evaluated; the message says why."""
+
+
+@dataclass
+class Models:
+    """Models to evaluate, by label (``"unfused"``, ``"fused"``), and their input size."""
+
+    models: dict[str, LVUNet]
+    train_size: tuple[int, int]
+    source: str
+
+
+def load_models(weights: str | Path) -> Models:
+    """Load the model(s) behind ``--weights``.
+
+    Args:
+        weights: A training checkpoint (``.pt``), a ``.safetensors`` file or a registry
+            name.
+
+    Returns:
+        ``unfused`` (and ``fused`` when ``act_learn == 1``) for a checkpoint; ``fused``
+        for weights files and registry names.
+
+    Raises:
+        EvaluationError: If the weights cannot be loaded.
+    """
+    if str(weights).endswith(".pt"):
+        try:
+            ckpt = load_checkpoint(weights)
+        except CheckpointError as err:
+            raise EvaluationError(str(err)) from err
+        unfused = model_from_checkpoint(ckpt)
+        models = {"unfused": unfused}
+        if unfused.act_learn == 1.0:
+            models["fused"] = reparameterize_model(unfused)
+        else:
+            logger.warning(
+                "checkpoint is at act_learn=%.4f (< 1): it cannot be fused; "
+                "evaluating it unfused only",
+                unfused.act_learn,
+            )
+        size = ckpt["config"].get("size", (256, 256))
+        return Models(models, (int(size[0]), int(size[1])), str(weights))
+    from napari_lvunet.weights import WeightsError, load_model
+
+    try:
+        loaded = load_model(weights)
+    except WeightsError as err:
+        raise EvaluationError(str(err)) from err
+    return Models({"fused": loaded.model}, loaded.train_size, f"{loaded.name} ({loaded.path})")
+
+
+def select_pairs(data: str | Path, split: str | None = None, *, seed: int = 0) -> list[Pair]:
+    """The pairs of one split of a dataset folder.
+
+    Args:
+        data: Dataset folder (``images/``, ``masks/``, optional ``splits.json``).
+        split: ``train``, ``val``, ``test`` or ``all``; default ``test`` when the folder
+            has a ``splits.json``, else ``all``.
+        seed: Seed of the train/val split of folders without ``splits.json``.
+
+    Raises:
+        DatasetError: If the folder is unusable or the split is empty.
+    """
+    pairs = find_pairs(data)
+    has_splits = (Path(data) / "splits.json").is_file()
+    split = split or ("test" if has_splits else "all")
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    if split == "all":
+        return pairs
+    if len(pairs) < 2 and not has_splits:
+        raise DatasetError(f"{data} has one image and no splits.json: use --split all")
+    stems = resolve_splits(data, [p.stem for p in pairs], seed=seed)[split]
+    if not stems:
+        raise DatasetError(
+            f"the {split} split of {data} is empty"
+            + ("" if has_splits else " (no splits.json: only train/val exist; try --split all)")
+        )
+    by_stem = {p.stem: p for p in pairs}
+    return [by_stem[s] for s in stems]
+
+
+@torch.no_grad()
+def evaluate_pairs(
+    models: dict[str, LVUNet],
+    pairs: Sequence[Pair],
+    train_size: tuple[int, int],
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 8,
+) -> dict[str, list[dict[str, float | str]]]:
+    """Per-image metrics of each model at the images' original resolution.
+
+    Args:
+        models: Models by label; each is run in eval mode on ``device`` in float32.
+        pairs: The images and masks.
+        train_size: The (height, width) the images are resized to for the network.
+        device: Where to run the models.
+        batch_size: Images per forward pass.
+
+    Returns:
+        For each label, one row per image: ``stem`` and the metrics of
+        :data:`training.metrics.METRIC_NAMES`.
+
+    Raises:
+        DatasetError: If an image or mask cannot be loaded.
+    """
+    device = torch.device(device)
+    for m in models.values():
+        m.to(device).eval()
+    rows: dict[str, list[dict[str, float | str]]] = {label: [] for label in models}
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        loaded = [load_pair(p) for p in chunk]
+        x = torch.cat(
+            [
+                resize_image(torch.from_numpy(rgb).permute(2, 0, 1)[None], train_size)
+                for rgb, _ in loaded
+            ]
+        )
+        x = normalize(x.clamp_(0.0, 1.0)).to(device)
+        for label, model in models.items():
+            logits = model(x).float().cpu()
+            for i, (pair, (_, mask)) in enumerate(zip(chunk, loaded, strict=True)):
+                # The logits are resized back (as the plugin's resize policy does) and
+                # thresholded at 0: probability 0.5.
+                full = F.interpolate(
+                    logits[i : i + 1], size=mask.shape, mode="bilinear", align_corners=False
+                )
+                m = segmentation_metrics(full[:, 0] > 0, torch.from_numpy(mask)[None])
+                rows[label].append({"stem": pair.stem, **{k: float(m[k][0]) for k in METRIC_NAMES}})
+    return rows
+
+
+def summarize(rows: Sequence[dict[str, float | str]]) -> dict[str, float]:
+    """Per-image means (and standard deviations, ``<name>_std``) of the metrics."""
+    out: dict[str, float] = {"n": float(len(rows))}
+    for name in METRIC_NAMES:
+        values = [float(r[name]) for r in rows]
+        out[name] = statistics.fmean(values)
+        out[f"{name}_std"] = statistics.pstdev(values)
+    return out
+
+
+def evaluate(
+    data: str | Path,
+    weights: str | Path,
+    *,
+    split: str | None = None,
+    device: str = "cpu",
+    batch_size: int = 8,
+) -> dict[str, list[dict[str, float | str]]]:
+    """Evaluate ``weights`` on a split of ``data`` (see the module docstring).
+
+    Returns:
+        Per-image rows for each model label (``unfused`` / ``fused``).
+
+    Raises:
+        DatasetError: If the data or split is unusable.
+        EvaluationError: If the weights cannot be loaded.
+    """
+    models = load_models(weights)
+    pairs = select_pairs(data, split)
+    return evaluate_pairs(
+        models.models, pairs, models.train_size, device=device, batch_size=batch_size
+    )
+
+
+def format_table(rows: dict[str, list[dict[str, float | str]]]) -> str:
+    """A plain-text table of the per-image means per model."""
+    lines = [f"{'model':<8} {'images':>6}  " + "  ".join(f"{n:>14}" for n in METRIC_NAMES)]
+    for label, r in rows.items():
+        s = summarize(r)
+        cells = "  ".join(f"{s[n]:.4f} ± {s[n + '_std']:.3f}" for n in METRIC_NAMES)
+        lines.append(f"{label:<8} {len(r):>6}  {cells}")
+    if {"fused", "unfused"} <= set(rows):
+        diff = max(
+            abs(float(a["dice"]) - float(b["dice"]))
+            for a, b in zip(rows["fused"], rows["unfused"], strict=True)
+        )
+        lines.append(f"largest per-image Dice difference fused vs unfused: {diff:.2e}")
+    return "\n".join(lines)
+
+
+def write_csv(path: str | Path, rows: dict[str, list[dict[str, float | str]]]) -> Path:
+    """Write one line per model and image: model, stem, dice, iou, precision, recall."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["model", "stem", *METRIC_NAMES])
+    writer.writeheader()
+    for label, r in rows.items():
+        for row in r:
+            writer.writerow({"model": label, **row})
+    path = Path(path)
+    path.write_text(buf.getvalue())
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code."""
+    p = argparse.ArgumentParser(
+        prog="python -m training.evaluate",
+        description=(
+            "Dice, IoU, precision and recall of LV-UNet weights on a dataset split, per image "
+            "at the original resolution and as per-image means. Both-empty masks count as "
+            "Dice 1 / IoU 1."
+        ),
+    )
+    p.add_argument("--data", required=True, metavar="DIR", help="dataset folder (images/, masks/)")
+    p.add_argument(
+        "--weights",
+        required=True,
+        metavar="NAME_OR_FILE",
+        help="registry name, fused .safetensors file, or training checkpoint .pt",
+    )
+    p.add_argument(
+        "--split",
+        choices=SPLITS,
+        help="split from splits.json (default: test if splits.json exists, else all)",
+    )
+    p.add_argument("--csv", metavar="FILE", help="write per-image metrics here (must not exist)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        if args.csv and Path(args.csv).exists():
+            raise EvaluationError(f"{args.csv} already exists; choose another --csv file")
+        rows = evaluate(
+            args.data,
+            args.weights,
+            split=args.split,
+            device=args.device,
+            batch_size=args.batch_size,
+        )
+    except (DatasetError, EvaluationError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    split = args.split or ("test" if (Path(args.data) / "splits.json").is_file() else "all")
+    print(f"{args.weights} on {args.data} [{split}], per-image means ± std:")
+    print(format_table(rows))
+    if args.csv:
+        print(f"per-image metrics: {write_csv(args.csv, rows)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
