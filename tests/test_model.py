@@ -209,6 +209,7 @@ def test_fused_built_model_has_reparameterized_keys_and_loads_strictly(
     fused = reparameterize_model(trained_like_model)
     direct = LVUNet(**fused.config)
     assert direct.fused and not has_batchnorm(direct)
+    assert direct.act_learn == fused.act_learn == 1.0
     want = {k: v.shape for k, v in fused.state_dict().items()}
     got = {k: v.shape for k, v in direct.state_dict().items()}
     assert got == want
@@ -235,6 +236,14 @@ def test_config_rebuilds_architecture() -> None:
     assert model.config == {"num_classes": 3, "act_num": 2, "fused": False}
     rebuilt = LVUNet(**model.config)
     assert count_params(rebuilt) == count_params(model)
+
+
+def test_act_learn_reports_disagreeing_blocks() -> None:
+    model = LVUNet()
+    model.set_act_learn(0.5)
+    model.final.set_act_learn(0.25)
+    with pytest.raises(RuntimeError, match="disagree"):
+        _ = model.act_learn
 
 
 def test_act_learn_round_trips_through_state_dict(tmp_path) -> None:
