@@ -1,0 +1,236 @@
+"""Export a training checkpoint as fused weights the plugin loads (and optionally ONNX).
+
+Launch::
+
+    python -m training.export --checkpoint runs/kvasir/best.pt --out lvunet-kvasir.safetensors
+    python -m training.export --checkpoint runs/kvasir/best.pt --out model.safetensors \\
+        --test-split test --onnx
+
+The checkpoint (read with ``torch.load(weights_only=True)``) must be from the fusible
+phase of deep training (``act_learn == 1``; ``best.pt`` always is). The model is fused,
+checked against the unfused one (atol 1e-4), and written with
+:func:`napari_lvunet.weights.save_weights`; the metadata holds the architecture, the
+training resolution and normalisation, the dataset and split names, the validation
+metrics of the checkpoint, optionally test metrics at the original resolution, the
+training code version and config. ``--onnx`` writes the same fused model through
+:func:`napari_lvunet.export.export_onnx`, which checks ONNX Runtime against PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from napari_lvunet.model import LVUNet, reparameterize_model
+
+from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from .data import DatasetError
+from .evaluate import evaluate_pairs, select_pairs, summarize
+
+__all__ = ["ExportError", "check_fusion", "export_checkpoint", "main", "weights_metadata"]
+
+logger = logging.getLogger(__name__)
+
+#: Largest allowed difference between fused and unfused logits.
+FUSION_ATOL = 1e-4
+
+
+class ExportError(ValueError):
+    """The checkpoint cannot be exported; the message says why."""
+
+
+def check_fusion(unfused: LVUNet, fused: LVUNet, size: tuple[int, int], *, seed: int = 0) -> float:
+    """Compare fused and unfused logits on a random batch; return the largest difference.
+
+    Raises:
+        ExportError: If they differ by more than :data:`FUSION_ATOL`.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((2, 3, *size), generator=gen)
+    with torch.no_grad():
+        diff = float((unfused.eval()(x) - fused.eval()(x)).abs().max())
+    if diff > FUSION_ATOL:
+        raise ExportError(
+            f"the fused model differs from the unfused one by {diff:.2e} (> {FUSION_ATOL})"
+        )
+    return diff
+
+
+def weights_metadata(
+    ckpt: dict[str, Any], test_metrics: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The metadata stored with the exported weights (beyond what save_weights derives)."""
+    cfg = dict(ckpt["config"])
+    dataset = dict(ckpt.get("dataset") or {})
+    name = dataset.get("name") or Path(str(cfg.get("data", ""))).name
+    # The local dataset path says nothing to whoever loads the weights elsewhere.
+    cfg["data"] = name
+    val = {k: ckpt["metrics"][k] for k in ("val_dice", "val_iou") if k in ckpt.get("metrics", {})}
+    metrics: dict[str, Any] = {
+        "val": {
+            "dice": val.get("val_dice"),
+            "iou": val.get("val_iou"),
+            "note": "per-image mean at the training resolution (model selection)",
+        }
+    }
+    if test_metrics is not None:
+        metrics["test"] = test_metrics
+    size = cfg.get("size", (256, 256))
+    return {
+        "dataset": {"name": name, "train_split": "train", "selection_split": "val"},
+        "train_size": [int(size[0]), int(size[1])],
+        "metrics": metrics,
+        "epoch": int(ckpt["epoch"]),
+        "code_version": str(ckpt.get("code_version", "unknown")),
+        "training": cfg,
+    }
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    onnx: str | Path | None = None,
+    test_split: str | None = None,
+    data: str | Path | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Export a training checkpoint to fused safetensors (and ONNX).
+
+    Args:
+        checkpoint: A training checkpoint (``.pt``) at ``act_learn == 1``.
+        out: Destination ``.safetensors`` file.
+        onnx: Also write the fused model as ONNX to this path.
+        test_split: Evaluate this split (e.g. ``"test"``) at the original resolution and
+            store its per-image mean metrics in the metadata.
+        data: Dataset folder for ``test_split`` (default: the one trained on).
+        overwrite: Replace existing output files.
+
+    Returns:
+        A summary: ``out``, ``onnx``, ``fusion_max_abs_diff``, ``metadata``.
+
+    Raises:
+        ExportError: If the checkpoint cannot be exported or an output exists.
+        DatasetError: If ``test_split`` cannot be read from the dataset.
+    """
+    from napari_lvunet.export import export_onnx
+    from napari_lvunet.weights import load_model, save_weights
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ExportError(f"--out must end in .safetensors, got {out.name}")
+    for target in (out, onnx):
+        if target is not None and Path(target).exists() and not overwrite:
+            raise ExportError(f"{target} already exists; choose another name or pass --overwrite")
+    try:
+        ckpt = load_checkpoint(checkpoint)
+    except CheckpointError as err:
+        raise ExportError(str(err)) from err
+    model = model_from_checkpoint(ckpt)
+    if model.act_learn != 1.0:
+        raise ExportError(
+            f"{checkpoint} is from epoch {ckpt['epoch']} at act_learn={model.act_learn:.4f}: only "
+            "checkpoints from the final act_learn = 1 phase fuse exactly (use best.pt, or "
+            "last.pt of a finished run)"
+        )
+    meta = weights_metadata(ckpt)
+    size = tuple(meta["train_size"])
+    fused = reparameterize_model(model)
+    diff = check_fusion(model, fused, size)
+    if test_split is not None:
+        pairs = select_pairs(data or ckpt["config"]["data"], test_split)
+        rows = evaluate_pairs({"fused": fused}, pairs, size)["fused"]
+        s = summarize(rows)
+        meta["metrics"][test_split] = {
+            **{k: s[k] for k in ("dice", "iou", "precision", "recall")},
+            "n": len(rows),
+            "note": "per-image mean at the original resolution, threshold 0.5",
+        }
+    path = save_weights(model, out, meta, overwrite=overwrite)
+    # Read the file back the way the plugin will and check it computes what was trained.
+    loaded = load_model(path)
+    x = torch.randn((1, 3, *size), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reload_diff = float((loaded.model(x) - model.eval()(x)).abs().max())
+    if reload_diff > FUSION_ATOL:
+        raise ExportError(f"{path} does not reproduce the checkpoint (max diff {reload_diff:.2e})")
+    onnx_path = None
+    if onnx is not None:
+        onnx_path = export_onnx(
+            model, onnx, metadata={"napari_lvunet": json.dumps(loaded.metadata, sort_keys=True)}
+        )
+    return {
+        "out": path,
+        "sha256": loaded.sha256,
+        "onnx": onnx_path,
+        "fusion_max_abs_diff": max(diff, reload_diff),
+        "metadata": loaded.metadata,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code."""
+    p = argparse.ArgumentParser(
+        prog="python -m training.export",
+        description=(
+            "Fuse a training checkpoint (act_learn = 1) and write it as .safetensors weights "
+            "with metadata, which the plugin's 'Load weights from file' opens; optionally "
+            "also as ONNX (dynamic batch and size) for deployment."
+        ),
+    )
+    p.add_argument(
+        "--checkpoint", required=True, metavar="RUN_DIR/best.pt", help="training checkpoint"
+    )
+    p.add_argument("--out", required=True, metavar="FILE.safetensors", help="weights file to write")
+    p.add_argument(
+        "--onnx",
+        nargs="?",
+        const="",
+        metavar="FILE.onnx",
+        help="also write ONNX (default name: --out with .onnx)",
+    )
+    p.add_argument(
+        "--test-split",
+        metavar="SPLIT",
+        help="evaluate this split (e.g. test) and store its metrics in the metadata",
+    )
+    p.add_argument(
+        "--data", metavar="DIR", help="dataset for --test-split (default: the training data)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    onnx = None
+    if args.onnx is not None:
+        onnx = args.onnx or str(Path(args.out).with_suffix(".onnx"))
+    try:
+        result = export_checkpoint(
+            args.checkpoint,
+            args.out,
+            onnx=onnx,
+            test_split=args.test_split,
+            data=args.data,
+            overwrite=args.overwrite,
+        )
+    except (ExportError, DatasetError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"fused weights: {result['out']} (sha256 {result['sha256']})")
+    print(f"fused vs unfused max |logit difference|: {result['fusion_max_abs_diff']:.2e}")
+    for split, m in result["metadata"]["metrics"].items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float))
+        print(f"{split}: {shown}")
+    if result["onnx"] is not None:
+        print(f"ONNX: {result['onnx']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
