@@ -1,0 +1,173 @@
+"""Export a fused LV-UNet to ONNX: the one export function of the project.
+
+The inference engine calls :func:`export_onnx` to build (and cache) the model ONNX
+Runtime runs on CPUs, and ``python -m training.export --onnx`` calls it to ship one.
+
+The graph comes from torch's ``torch.export``-based ONNX exporter (the default since
+torch 2.9). Batch, height and width are dynamic; height and width are declared as
+``128 * k`` because LV-UNet downsamples seven times and joins its skips by addition, so
+only multiples of :data:`~napari_lvunet.model.SIZE_DIVISOR` are valid (the engine pads).
+``LVUNet.forward`` skips its own size check while ``torch.export`` traces it
+(``torch.compiler.is_compiling()`` is true then), so the check does not pin the sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .model import SIZE_DIVISOR, LVUNet, reparameterize_model
+
+__all__ = ["INPUT_NAME", "MIN_OPSET", "OUTPUT_NAME", "export_onnx", "fused_cpu_copy"]
+
+logger = logging.getLogger(__name__)
+
+#: Name of the graph's input, ``(batch, 3, height, width)`` float32, ImageNet-normalised.
+INPUT_NAME = "image"
+#: Name of the graph's output, ``(batch, num_classes, height, width)`` logits.
+OUTPUT_NAME = "logits"
+#: Oldest opset accepted (the project's requirement for deployed graphs).
+MIN_OPSET = 17
+
+# Largest height/width the graph declares: 128 * 512 = 65536 px, beyond any image napari
+# holds in one piece. The bound only constrains the symbolic shapes, it costs nothing.
+_MAX_SIZE_MULTIPLE = 512
+# Example input for tracing: batch 2 and 256 px, because torch.export specialises any
+# dimension that is 1 somewhere in the graph (a 128 px input is 1 px at the bottleneck).
+_EXAMPLE_SHAPE = (2, 3, 2 * SIZE_DIVISOR, 2 * SIZE_DIVISOR)
+
+
+def fused_cpu_copy(model: LVUNet) -> LVUNet:
+    """A fused float32 copy of ``model`` on the CPU in eval mode; ``model`` is untouched.
+
+    Args:
+        model: A fused LV-UNet, or an unfused one at ``act_learn == 1``.
+
+    Returns:
+        The deployment form, ready to trace or to run.
+
+    Raises:
+        TypeError: If ``model`` is not an :class:`~napari_lvunet.model.LVUNet`.
+        ValueError: If ``model`` is unfused with ``act_learn != 1`` (fusing would change
+            its outputs).
+    """
+    if not isinstance(model, LVUNet):
+        raise TypeError(f"expected an LVUNet, got {type(model).__name__}")
+    # reparameterize_model deep-copies; a fused model is copied here so that moving it to
+    # the CPU and float32 never touches the caller's (maybe GPU, maybe training) model.
+    fused = copy.deepcopy(model) if model.fused else reparameterize_model(model)
+    return fused.to(device="cpu", dtype=torch.float32).eval()
+
+
+def export_onnx(
+    model: LVUNet,
+    path: str | os.PathLike[str],
+    *,
+    opset: int = 18,
+    metadata: Mapping[str, str] | None = None,
+    verify: bool = True,
+) -> Path:
+    """Export the fused form of ``model`` to an ONNX file.
+
+    The graph takes ``image``: ``(batch, 3, height, width)`` float32, ImageNet-normalised
+    (:func:`napari_lvunet.preprocess.normalize`), height and width multiples of 128, all
+    three dynamic; it returns ``logits``: ``(batch, num_classes, height, width)``. The
+    weights are stored inside the one file (no external-data side file). The file is
+    written to a temporary name and moved into place, so a reader never sees half a file
+    and an existing file is only replaced by a complete, verified one.
+
+    Args:
+        model: A fused LV-UNet, or an unfused one at ``act_learn == 1`` (fused here, on a
+            copy; ``model`` is untouched).
+        path: Destination ``.onnx`` file; its folder must exist.
+        opset: ONNX opset version, at least :data:`MIN_OPSET`.
+        metadata: Extra string key/values stored in the ONNX model's ``metadata_props``
+            (e.g. the weights' metadata JSON). ``num_classes`` and ``size_divisor`` are
+            always stored.
+        verify: Run the exported graph in ONNX Runtime on a random batch and compare it
+            with PyTorch (atol 1e-4) before moving it into place; a mismatch raises.
+
+    Returns:
+        The path written.
+
+    Raises:
+        TypeError: If ``model`` is not an LV-UNet.
+        ValueError: If ``opset`` is too old, ``model`` cannot be fused (``act_learn !=
+            1``), the folder does not exist, or the exported graph disagrees with PyTorch.
+        RuntimeError: If the exporter fails (message from torch included).
+    """
+    path = Path(path)
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset must be >= {MIN_OPSET}, got {opset}")
+    if not path.parent.is_dir():
+        raise ValueError(f"cannot export to {path}: folder {path.parent} does not exist")
+    fused = fused_cpu_copy(model)
+    props = {"num_classes": str(fused.num_classes), "size_divisor": str(SIZE_DIVISOR)}
+    props.update(metadata or {})
+
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    k_h = torch.export.Dim("k_height", min=1, max=_MAX_SIZE_MULTIPLE)
+    k_w = torch.export.Dim("k_width", min=1, max=_MAX_SIZE_MULTIPLE)
+    example = torch.randn(_EXAMPLE_SHAPE)
+    logger.info("exporting LV-UNet to ONNX (opset %d): %s", opset, path)
+    # The exporter reports its progress on stdout even with verbose=False in some
+    # versions; a library must not print, so that chatter is captured into the log.
+    chatter = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(chatter):
+            program = torch.onnx.export(
+                fused,
+                (example,),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes={"x": {0: batch, 2: SIZE_DIVISOR * k_h, 3: SIZE_DIVISOR * k_w}},
+                opset_version=opset,
+                dynamo=True,
+                verbose=False,
+                optimize=True,
+            )
+    except Exception as err:  # the exporter raises many private error types
+        raise RuntimeError(f"ONNX export failed with torch {torch.__version__}: {err}") from err
+    finally:
+        if chatter.getvalue():
+            logger.debug("torch.onnx.export: %s", chatter.getvalue().strip())
+    program.model.metadata_props.update(props)
+
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        program.save(tmp, external_data=False)
+        if verify:
+            _verify(fused, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _verify(fused: LVUNet, onnx_path: Path) -> None:
+    """Compare the exported graph with PyTorch on a random batch of an unseen size."""
+    import numpy as np
+    import onnxruntime as ort
+
+    # Not the tracing example's size: proves height, width and batch are really dynamic.
+    x = torch.randn(3, 3, SIZE_DIVISOR, 3 * SIZE_DIVISOR)
+    with torch.inference_mode():
+        expected = fused(x).numpy()
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+    if got.shape != expected.shape or not np.allclose(got, expected, atol=1e-4, rtol=1e-4):
+        diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else "shape"
+        raise ValueError(
+            f"the exported ONNX graph disagrees with PyTorch (max difference {diff}); "
+            f"torch {torch.__version__}, onnxruntime {ort.__version__}"
+        )
