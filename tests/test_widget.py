@@ -7,6 +7,7 @@ Xvfb: ``xvfb-run -a pytest tests/test_widget.py``. Models are random fused LV-UN
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +107,259 @@ def test_save_for_training_scales_float_gray_and_checks_shapes(tmp_path: Path) -
         save_for_training(image[None], np.ones((1, 64, 64)), tmp_path, "g", rgb=False,
                           slices=[(4,)])  # fmt: skip
     assert len(list((tmp_path / "images").iterdir())) == 1
+
+
+# ------------------------------------------------------------- the dock widget
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random LV-UNet at the end of deep training, fused and saved like a real model."""
+    import torch
+
+    from napari_lvunet.model import LVUNet
+    from napari_lvunet.weights import save_weights
+
+    torch.manual_seed(1)
+    model = LVUNet(act_num=1)
+    model.set_act_learn(1.0)
+    path = tmp_path_factory.mktemp("weights") / "random.safetensors"
+    return save_weights(model, path, {"dataset": "none: random weights for tests"})
+
+
+class _Notes:
+    """napari notifications dispatched during a test, by severity."""
+
+    def __init__(self) -> None:
+        from napari.utils.notifications import notification_manager
+
+        self.records: list = []
+        self._manager = notification_manager
+        notification_manager.notification_ready.connect(self._on)
+
+    def _on(self, notification) -> None:
+        self.records.append(notification)
+
+    def messages(self, severity: str) -> list[str]:
+        return [n.message for n in self.records if str(n.severity).lower().endswith(severity)]
+
+    def close(self) -> None:
+        self._manager.notification_ready.disconnect(self._on)
+
+
+@pytest.fixture
+def notes() -> Iterator[_Notes]:
+    recorder = _Notes()
+    yield recorder
+    recorder.close()
+
+
+@pytest.fixture
+def viewer_widget(make_napari_viewer, weights_file: Path):
+    viewer = make_napari_viewer()
+    # Through napari's own plugin machinery: the manifest's widget, as a user opens it.
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-lvunet", "LV-UNet segmentation")
+    widget.add_weights_file(weights_file)
+    return viewer, widget
+
+
+def _wait_idle(qtbot, widget, timeout: int = 60_000) -> None:
+    qtbot.waitUntil(
+        lambda: widget._worker is None and widget._preview_worker is None, timeout=timeout
+    )
+
+
+def _labels_layers(viewer) -> list:
+    from napari.layers import Labels
+
+    return [layer for layer in viewer.layers if isinstance(layer, Labels)]
+
+
+def _reference(weights_file: Path, data: np.ndarray, axes: str, **kw) -> np.ndarray:
+    from napari_lvunet.inference import Segmenter
+    from napari_lvunet.weights import load_model
+
+    return Segmenter(load_model(weights_file).model, device="cpu").segment(data, axes=axes, **kw)
+
+
+@pytest.mark.gui
+def test_widget_lists_image_layers_only_and_follows_the_layer_list(viewer_widget) -> None:
+    viewer, widget = viewer_widget
+    assert widget.image.choices == ()
+    first = viewer.add_image(np.zeros((64, 64)), name="a")
+    viewer.add_labels(np.zeros((64, 64), np.uint8), name="not an image")
+    second = viewer.add_image(np.zeros((64, 64, 3), np.uint8), name="b", rgb=True)
+    assert widget.image.choices == (first, second)
+    assert widget.image.value is first
+    viewer.layers.remove(first)
+    assert widget.image.choices == (second,)
+    assert widget.image.value is second
+    assert [c for c in widget.model.choices if c.endswith("random.safetensors")]
+    assert widget.device.choices == ("auto", "cpu", "cuda", "mps")
+
+
+@pytest.mark.gui
+def test_segment_rgb_image(viewer_widget, qtbot, weights_file: Path) -> None:
+    viewer, widget = viewer_widget
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, (150, 200, 3), dtype=np.uint8)
+    image = viewer.add_image(data, name="photo", rgb=True, scale=(0.5, 2.0), translate=(3, -4))
+    widget.threshold.value = 0.45
+    widget.probabilities.value = True
+    widget.segment()
+    _wait_idle(qtbot, widget)
+    labels = viewer.layers["photo labels"]
+    assert labels.data.shape == (150, 200) and labels.data.dtype == np.uint8
+    np.testing.assert_array_equal(labels.scale, image.scale)
+    np.testing.assert_array_equal(labels.translate, image.translate)
+    expected = _reference(weights_file, data, "YXC", threshold=0.45)
+    np.testing.assert_array_equal(labels.data, expected)
+    probability = viewer.layers["photo probability"]
+    assert probability.data.shape == (150, 200) and 0 <= probability.data.min() <= 1
+    np.testing.assert_array_equal(labels.data, (probability.data > 0.45).astype(np.uint8))
+    assert widget.device_in_use.value == "cpu (onnxruntime)"
+    assert widget.corrected.value is labels
+
+
+@pytest.mark.gui
+def test_segment_grayscale_float_image_as_instances(viewer_widget, qtbot, weights_file) -> None:
+    viewer, widget = viewer_widget
+    data = np.random.default_rng(1).normal(100.0, 20.0, (128, 160)).astype(np.float32)
+    viewer.add_image(data, name="ct")
+    widget.output.value = "instances"
+    widget.threshold.value = 0.3
+    widget.segment()
+    _wait_idle(qtbot, widget)
+    expected = _reference(weights_file, data, "YX", threshold=0.3, output="instances")
+    np.testing.assert_array_equal(viewer.layers["ct labels"].data, expected)
+
+
+@pytest.mark.gui
+def test_segment_stack_whole_and_current_slice(viewer_widget, qtbot, weights_file) -> None:
+    viewer, widget = viewer_widget
+    data = np.random.default_rng(2).integers(0, 256, (4, 128, 128), dtype=np.uint8)
+    viewer.add_image(data, name="stack", scale=(5.0, 1.0, 1.0))
+    progress: list[tuple[int, int]] = []
+    widget._progress.changed.connect(lambda done, total: progress.append((done, total)))
+    widget.segment()
+    _wait_idle(qtbot, widget)
+    whole = viewer.layers["stack labels"]
+    np.testing.assert_array_equal(whole.data, _reference(weights_file, data, "ZYX"))
+    np.testing.assert_array_equal(whole.scale, (5.0, 1.0, 1.0))
+    assert progress and progress[-1] == (4, 4)  # the stack reported its progress
+    assert (widget.progress.value, widget.progress.max) == (4, 4)
+
+    widget.scope.value = "slice"
+    viewer.dims.set_current_step(0, 2)
+    widget.segment()
+    _wait_idle(qtbot, widget)
+    one = _labels_layers(viewer)[-1]
+    assert one is not whole and one.data.shape == data.shape
+    np.testing.assert_array_equal(one.data[2], whole.data[2])
+    assert not one.data[[0, 1, 3]].any()
+
+
+@pytest.mark.gui
+def test_rerun_keeps_hand_corrections_unless_overwrite(viewer_widget, qtbot) -> None:
+    viewer, widget = viewer_widget
+    data = np.random.default_rng(3).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    viewer.add_image(data, name="img", rgb=True)
+    widget.segment()
+    _wait_idle(qtbot, widget)
+    first = viewer.layers["img labels"]
+    first.brush_size = 9
+    first.paint((64, 64), 7)  # a hand correction with napari's brush
+    assert first.data[64, 64] == 7
+    assert widget.edited_slices(first) == {()}
+    corrected = first.data.copy()
+
+    widget.segment()  # overwrite unticked: a new layer, the corrections untouched
+    _wait_idle(qtbot, widget)
+    layers = _labels_layers(viewer)
+    assert len(layers) == 2 and layers[0] is first
+    np.testing.assert_array_equal(first.data, corrected)
+    assert not (layers[1].data == 7).any()
+
+    widget.overwrite.value = True  # ticked: the latest result layer is replaced in place
+    layers[1].paint((10, 10), 5)
+    widget.segment()
+    _wait_idle(qtbot, widget)
+    assert _labels_layers(viewer) == layers
+    assert not (layers[1].data == 5).any()
+    assert widget.edited_slices(layers[1]) == set()
+    np.testing.assert_array_equal(first.data, corrected)
+
+
+@pytest.mark.gui
+def test_live_preview_segments_displayed_slice_and_skips_edited(viewer_widget, qtbot) -> None:
+    viewer, widget = viewer_widget
+    data = np.random.default_rng(4).integers(0, 256, (5, 128, 128), dtype=np.uint8)
+    viewer.add_image(data, name="vol")
+    viewer.dims.set_current_step(0, 1)
+    widget.threshold.value = 0.05  # a random network: make sure slices get foreground
+    widget.live.value = True
+    qtbot.waitUntil(lambda: "vol labels" in viewer.layers, timeout=60_000)
+    _wait_idle(qtbot, widget)
+    layer = viewer.layers["vol labels"]
+    assert layer.data[1].any() and not layer.data[[0, 2, 3, 4]].any()
+
+    viewer.dims.set_current_step(0, 3)
+    qtbot.waitUntil(lambda: layer.data[3].any(), timeout=10_000)
+    _wait_idle(qtbot, widget)
+    assert not layer.data[[0, 2, 4]].any()
+
+    # Correct slice 3 with the brush, then scroll away and back.
+    layer.brush_size = 15
+    layer.paint((3, 64, 64), 9)
+    assert widget.edited_slices(layer) == {(3,)}
+    corrected = layer.data[3].copy()
+    viewer.dims.set_current_step(0, 4)
+    qtbot.waitUntil(lambda: layer.data[4].any(), timeout=10_000)
+    viewer.dims.set_current_step(0, 3)
+    _wait_idle(qtbot, widget)
+    qtbot.wait(50)
+    _wait_idle(qtbot, widget)
+    np.testing.assert_array_equal(layer.data[3], corrected)  # not repainted
+    widget.live.value = False
+    viewer.dims.set_current_step(0, 0)
+    qtbot.wait(100)
+    assert widget._preview_worker is None and not layer.data[0].any()
+
+
+@pytest.mark.gui
+def test_cancel_stops_a_stack(viewer_widget, qtbot, notes) -> None:
+    viewer, widget = viewer_widget
+    viewer.add_image(np.zeros((64, 128, 128), np.uint8), name="long")
+    widget.segment()
+    assert widget.cancel_button.enabled and not widget.segment_button.enabled
+    widget.cancel()
+    _wait_idle(qtbot, widget)
+    assert widget.status.value == "cancelled"
+    assert "long labels" not in viewer.layers
+    assert any("cancelled" in m for m in notes.messages("info"))
+    assert widget.segment_button.enabled and not widget.cancel_button.enabled
+
+
+@pytest.mark.gui
+def test_save_for_training_from_widget(viewer_widget, qtbot, notes, tmp_path, weights_file):
+    viewer, widget = viewer_widget
+    data = np.random.default_rng(5).integers(0, 256, (3, 128, 128, 3), dtype=np.uint8)
+    viewer.add_image(data, name="frames", rgb=True)
+    widget.segment()
+    _wait_idle(qtbot, widget)
+    layer = viewer.layers["frames labels"]
+    layer.data[1, 20:40, 20:40] = 3  # the user's correction
+    widget.data_dir.value = tmp_path / "corrections"
+    pairs = widget.save_for_training()
+    assert [p.name for p, _ in pairs] == ["frames_z000.png", "frames_z001.png", "frames_z002.png"]
+    mask = np.asarray(PILImage.open(pairs[1][1]))
+    np.testing.assert_array_equal(mask, (layer.data[1] > 0) * 255)
+    expected = finetune_command(tmp_path / "corrections", weights_file)
+    assert widget.command.value == expected
+    assert any(expected in m for m in notes.messages("info"))
+
+    widget.scope.value = "slice"  # only the slice on display; never over the first pairs
+    viewer.dims.set_current_step(0, 2)
+    again = widget.save_for_training()
+    assert [p.name for p, _ in again] == ["frames-2_z002.png"]
+    assert len(list((tmp_path / "corrections" / "masks").iterdir())) == 4

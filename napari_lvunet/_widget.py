@@ -1,0 +1,772 @@
+"""The LV-UNet dock widget: gathers the user's choices, runs work in thread workers.
+
+Data flows one way: image layer -> ``inference.Segmenter`` -> labels -> Labels layer, and
+Labels layer -> ``_annotations.save_for_training`` -> folder -> ``training.finetune`` ->
+weights -> model picker. Everything slow (loading or downloading weights, building the
+ONNX session, segmenting, fine-tuning) runs in a napari thread worker, so the window never
+freezes; every failure ends as a napari notification.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSlider,
+    Label,
+    LineEdit,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+)
+from napari.layers import Image, Labels
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QObject, Signal
+from qtpy.QtWidgets import QFileDialog
+
+from . import weights as weights_mod
+from ._annotations import (
+    SliceIndex,
+    edited_slices,
+    finetune_command,
+    layer_axes,
+    safe_stem,
+    save_for_training,
+)
+from .inference import SegmentationCancelled, Segmenter
+
+if TYPE_CHECKING:
+    import napari
+
+__all__ = ["LVUNetWidget"]
+
+logger = logging.getLogger(__name__)
+
+_DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+_SEGMENTERS: dict[tuple[str, str], Segmenter] = {}
+_SEGMENTERS_LOCK = threading.Lock()
+
+
+class _Progress(QObject):
+    """Carries progress from a worker thread to the GUI thread (a queued connection)."""
+
+    changed = Signal(int, int)
+    message = Signal(str)
+
+
+class _DownloadProgress:
+    """The tqdm-like object pooch reports a weights download to, forwarded to the widget."""
+
+    def __init__(self, signals: _Progress, name: str) -> None:
+        self.total = 0
+        self.n = 0
+        self._signals = signals
+        signals.message.emit(f"downloading {name}...")
+
+    def update(self, n: int) -> None:
+        self.n += int(n)
+        self._signals.changed.emit(min(self.n, self.total or self.n), self.total or self.n)
+
+    def reset(self) -> None:
+        self.n = 0
+
+    def close(self) -> None:
+        self._signals.message.emit("download complete")
+
+
+@dataclass
+class _Request:
+    """One segmentation job, gathered in the GUI thread before the worker starts."""
+
+    image: Image
+    data: np.ndarray
+    axes: str
+    index: SliceIndex | None  # the slice segmented, or None for the whole layer
+    model_key: str
+    device: str
+    threshold: float
+    output: str
+    sizing: str
+    probabilities: bool
+    overwrite: bool
+    preview: bool = False
+
+
+@dataclass
+class _Result:
+    request: _Request
+    labels: np.ndarray
+    probabilities: np.ndarray | None
+    device: str
+    backend: str
+
+
+@dataclass
+class _Track:
+    """What the widget knows about one result Labels layer."""
+
+    image: weakref.ReferenceType
+    edited: set[SliceIndex] = field(default_factory=set)
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    if isinstance(err, MemoryError):
+        return True
+    return type(err).__name__ == "OutOfMemoryError" or "out of memory" in str(err).lower()
+
+
+def _real(obj: Any) -> Any:
+    """The object behind napari's ``PublicOnlyProxy``.
+
+    napari hands plugin widgets a proxied viewer, and each access returns a new proxy of a
+    layer; identity checks and weak references need the layer itself.
+    """
+    return getattr(obj, "__wrapped__", obj)
+
+
+def _fit_dtype(layer: Labels, labels: np.ndarray) -> None:
+    """Widen a Labels layer's dtype if ``labels`` (e.g. many instances) would overflow it."""
+    if labels.size and int(labels.max()) > np.iinfo(layer.data.dtype).max:
+        layer.data = layer.data.astype(np.promote_types(layer.data.dtype, labels.dtype))
+
+
+def _if_alive(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Skip a callback that arrives after the widget's Qt side was deleted.
+
+    Worker signals and viewer events can still fire while napari closes; touching a
+    deleted Qt widget then would raise inside the event loop.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: LVUNetWidget, *args: Any, **kwargs: Any) -> Any:
+        if not self._alive():
+            return None
+        return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+class LVUNetWidget(Container):
+    """Dock widget: segment image layers with LV-UNet, correct, save, fine-tune.
+
+    Args:
+        napari_viewer: The viewer the widget acts on (napari passes it).
+    """
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__(labels=True)
+        self.viewer = napari_viewer
+        self._files: dict[str, str] = {}  # model-picker key (a path) -> display name
+        self._loaded: dict[str, Any] = {}  # model key -> weights.LoadedModel
+        self._cache_lock = threading.Lock()  # the preview and Segment workers share it
+        self._tracks: weakref.WeakKeyDictionary[Labels, _Track] = weakref.WeakKeyDictionary()
+        self._cancel = threading.Event()
+        self._worker = None  # the Segment / Fine-tune worker: one at a time
+        self._preview_worker = None
+        self._preview_pending: tuple[Image, SliceIndex] | None = None
+        self._progress = _Progress()
+        self._progress.changed.connect(self._on_progress)
+        self._progress.message.connect(self._on_message)
+
+        self.image = ComboBox(label="Image", choices=self._image_choices)
+        self.model = ComboBox(label="Model", choices=self._model_choices)
+        self.load_file = PushButton(text="Load weights from file...")
+        self.device = ComboBox(label="Device", choices=_DEVICES, value="auto")
+        self.device_in_use = Label(label="In use", value="-")
+        self.threshold = FloatSlider(label="Threshold", min=0.05, max=0.95, step=0.05, value=0.5)
+        self.output = ComboBox(
+            label="Output",
+            choices=[("semantic (one label)", "semantic"), ("instances", "instances")],
+            value="semantic",
+        )
+        self.sizing = ComboBox(
+            label="Sizing",
+            choices=[("resize to training size", "resize"), ("native tiles", "tiles")],
+            value="resize",
+        )
+        self.scope = ComboBox(
+            label="Segment",
+            choices=[("current slice", "slice"), ("whole stack", "stack")],
+            value="stack",
+        )
+        self.probabilities = CheckBox(text="Add probability map")
+        self.overwrite = CheckBox(text="Overwrite previous result")
+        self.live = CheckBox(text="Live preview on slice change")
+        self.segment_button = PushButton(text="Segment")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.progress = ProgressBar(label="Progress", value=0, min=0, max=1)
+        self.status = Label(label="Status", value="ready")
+
+        self.corrected = ComboBox(label="Corrected labels", choices=self._labels_choices)
+        self.data_dir = FileEdit(label="Dataset folder", mode="d")
+        self.save_button = PushButton(text="Save for training")
+        self.command = LineEdit(label="Fine-tune command", value="")
+        self.command.native.setReadOnly(True)
+        self.epochs = SpinBox(label="Epochs", min=1, max=1000, value=30)
+        self.finetune_button = PushButton(text="Fine-tune")
+
+        self.extend(
+            [
+                self.image,
+                self.model,
+                self.load_file,
+                self.device,
+                self.device_in_use,
+                self.threshold,
+                self.output,
+                self.sizing,
+                self.scope,
+                self.probabilities,
+                self.overwrite,
+                self.live,
+                self.segment_button,
+                self.cancel_button,
+                self.progress,
+                self.status,
+                self.corrected,
+                self.data_dir,
+                self.save_button,
+                self.command,
+                self.epochs,
+                self.finetune_button,
+            ]
+        )
+
+        self.segment_button.changed.connect(self.segment)
+        self.cancel_button.changed.connect(self.cancel)
+        self.load_file.changed.connect(self._ask_weights_file)
+        self.save_button.changed.connect(self.save_for_training)
+        self.finetune_button.changed.connect(self.finetune)
+        self.live.changed.connect(self._on_live_toggled)
+        self.image.changed.connect(self._on_image_changed)
+        self.model.changed.connect(self._update_command)
+        self.data_dir.changed.connect(self._update_command)
+        # The pickers follow the layer list whether or not napari docks this widget.
+        for emitter, callback in self._viewer_connections():
+            emitter.connect(callback)
+
+    def _alive(self) -> bool:
+        try:
+            self.native.objectName()
+        except RuntimeError:  # deleted with its window: stop listening to the viewer
+            self._cancel.set()
+            for emitter, callback in self._viewer_connections():
+                emitter.disconnect(callback)
+            return False
+        return True
+
+    def _viewer_connections(self) -> list[tuple[Any, Callable[..., Any]]]:
+        events = self.viewer.layers.events
+        return [
+            (events.inserted, self._on_layers_changed),
+            (events.removed, self._on_layers_changed),
+            (events.reordered, self._on_layers_changed),
+            (self.viewer.dims.events.current_step, self._on_step),
+        ]
+
+    @property
+    def busy(self) -> bool:
+        """Whether a Segment, Fine-tune or live-preview job is running."""
+        return self._worker is not None or self._preview_worker is not None
+
+    # ----------------------------------------------------------------- pickers
+    def _image_choices(self, _widget: ComboBox) -> list[tuple[str, Image]]:
+        return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, Image)]
+
+    def _labels_choices(self, _widget: ComboBox) -> list[tuple[str, Labels]]:
+        return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, Labels)]
+
+    def _model_choices(self, _widget: ComboBox) -> list[tuple[str, str]]:
+        choices = []
+        for name, entry in weights_mod.registry().items():
+            if entry.bundled:
+                where = "bundled"
+            elif weights_mod.is_available_offline(name):
+                where = "cached"
+            else:
+                where = "will download"
+            choices.append((f"{name} ({where})", name))
+        choices.extend((f"{label} (file)", key) for key, label in self._files.items())
+        return choices
+
+    @_if_alive
+    def _on_layers_changed(self, _event: Any = None) -> None:
+        self.image.reset_choices()
+        self.corrected.reset_choices()
+        if self.image.value is None and self.image.choices:
+            self.image.value = self.image.choices[0]
+
+    def _on_image_changed(self, _value: Any = None) -> None:
+        if self.live.value:
+            self._request_preview()
+
+    def add_weights_file(self, path: str | Path, *, select: bool = True) -> str:
+        """Add a safetensors weights file to the model picker.
+
+        The file is checked when a segmentation first loads it, in a worker; a bad file
+        gives a notification then.
+
+        Args:
+            path: The ``.safetensors`` file.
+            select: Make it the current model.
+
+        Returns:
+            The picker key of the file (its resolved path).
+        """
+        key = str(Path(path).expanduser().resolve())
+        self._files[key] = Path(key).name
+        self.model.reset_choices()
+        if select:
+            self.model.value = key
+        self._update_command()
+        return key
+
+    def _ask_weights_file(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self.native, "LV-UNet weights", "", "Safetensors weights (*.safetensors)"
+        )
+        if path:
+            self.add_weights_file(path)
+
+    # ------------------------------------------------------------ model cache
+    def _loaded_model(self, key: str) -> Any:
+        """The ``LoadedModel`` for a picker key; runs in a worker (may download)."""
+        with self._cache_lock:
+            if key not in self._loaded:
+                if key in weights_mod.registry() and not weights_mod.is_available_offline(key):
+                    progressbar: Any = _DownloadProgress(self._progress, key)
+                else:
+                    progressbar = False
+                self._loaded[key] = weights_mod.load_model(key, progressbar=progressbar)
+            return self._loaded[key]
+
+    def _segmenter(self, key: str, device: str) -> Segmenter:
+        loaded = self._loaded_model(key)
+        # Shared by every widget: keyed by the weights' hash, so a changed file never
+        # reuses a stale session, and a second viewer does not export the model again.
+        cache_key = (loaded.sha256, device)
+        with _SEGMENTERS_LOCK:
+            if cache_key not in _SEGMENTERS:
+                _SEGMENTERS[cache_key] = Segmenter(loaded, device=device)
+            return _SEGMENTERS[cache_key]
+
+    # ------------------------------------------------------------ segmenting
+    def _gather(self, *, preview_index: SliceIndex | None = None) -> _Request:
+        """Read the widget's choices into a job; raises ValueError with a user message."""
+        image = self.image.value
+        if image is None:
+            raise ValueError("No image layer: open an image (File > Open, or a sample) first.")
+        if self.model.value is None:
+            raise ValueError("No model selected.")
+        axes = layer_axes(image.ndim, bool(image.rgb))
+        if image.rgb and image.data.shape[-1] not in (3, 4):
+            raise ValueError(f"unsupported colour image with {image.data.shape[-1]} channels")
+        n_leading = image.ndim - 2
+        if preview_index is not None:
+            index: SliceIndex | None = preview_index
+        elif n_leading and self.scope.value == "slice":
+            index = self._displayed_index(image)
+        else:
+            index = None
+        data = np.asarray(image.data if index is None else image.data[index])
+        return _Request(
+            image=image,
+            data=data,
+            axes=axes if index is None else axes[n_leading:],
+            index=index,
+            model_key=self.model.value,
+            device=self.device.value,
+            threshold=float(self.threshold.value),
+            output=self.output.value,
+            sizing=self.sizing.value,
+            probabilities=bool(self.probabilities.value) and preview_index is None,
+            overwrite=bool(self.overwrite.value),
+            preview=preview_index is not None,
+        )
+
+    def _displayed_index(self, image: Image) -> SliceIndex:
+        """The image's slice on display: its data indices along the leading axes."""
+        n_leading = image.ndim - 2
+        point = self.viewer.dims.point[-image.ndim :]
+        coords = image.world_to_data(point)
+        shape = image.data.shape[:n_leading]
+        return tuple(
+            int(np.clip(round(float(c)), 0, n - 1))
+            for c, n in zip(coords[:n_leading], shape, strict=True)
+        )
+
+    def _run(self, request: _Request, cancel: threading.Event | None) -> _Result:
+        """Worker body: load the model (maybe download), segment."""
+        segmenter = self._segmenter(request.model_key, request.device)
+        n_slices = int(np.prod(request.data.shape[: request.axes.index("Y")]))
+        out = segmenter.segment(
+            request.data,
+            axes=request.axes,
+            threshold=request.threshold,
+            sizing=request.sizing,
+            output=request.output,
+            return_probabilities=request.probabilities,
+            progress=None if request.preview or n_slices < 2 else self._progress.changed.emit,
+            cancel=cancel,
+        )
+        labels, probabilities = out if request.probabilities else (out, None)
+        if probabilities is not None and probabilities.ndim > labels.ndim:
+            probabilities = 1.0 - probabilities[0]  # multi-class: P(not background)
+        return _Result(request, labels, probabilities, segmenter.device, segmenter.backend)
+
+    def segment(self) -> None:
+        """Segment the chosen image layer in a worker (the Segment button)."""
+        if self._worker is not None:
+            show_warning("LV-UNet is busy: wait for the running job, or press Cancel.")
+            return
+        try:
+            request = self._gather()
+        except ValueError as err:
+            show_error(str(err))
+            return
+        self._cancel = threading.Event()
+        self._start(
+            self._run,
+            request,
+            self._cancel,
+            on_returned=self._on_segmented,
+            status=f"segmenting {request.image.name}...",
+        )
+
+    def cancel(self) -> None:
+        """Ask the running Segment or Fine-tune job to stop (the Cancel button)."""
+        self._cancel.set()
+        self.status.value = "cancelling..."
+
+    def _start(self, func: Any, *args: Any, on_returned: Any, status: str) -> None:
+        self.progress.max, self.progress.value = 1, 0
+        self.status.value = status
+        self.segment_button.enabled = self.finetune_button.enabled = False
+        self.cancel_button.enabled = True
+        self._worker = create_worker(
+            func,
+            *args,
+            _start_thread=True,
+            _connect={
+                "returned": on_returned,
+                "errored": self._on_error,
+                "finished": self._on_finished,
+            },
+        )
+
+    @_if_alive
+    def _on_progress(self, done: int, total: int) -> None:
+        self.progress.max = max(int(total), 1)
+        self.progress.value = min(int(done), self.progress.max)
+
+    @_if_alive
+    def _on_message(self, text: str) -> None:
+        self.status.value = text
+        if text == "download complete":
+            self.model.reset_choices()  # the entry now shows as cached
+
+    @_if_alive
+    def _on_finished(self) -> None:
+        self._worker = None
+        self.segment_button.enabled = self.finetune_button.enabled = True
+        self.cancel_button.enabled = False
+
+    @_if_alive
+    def _on_error(self, err: BaseException) -> None:
+        if isinstance(err, SegmentationCancelled) or type(err).__name__.endswith("Cancelled"):
+            self.status.value = "cancelled"
+            show_info("LV-UNet: cancelled.")
+            return
+        self.status.value = "failed"
+        if _out_of_memory(err):
+            show_error(
+                "LV-UNet ran out of memory. Try 'current slice' instead of the whole stack, "
+                "the 'resize' sizing, or the CPU device."
+            )
+        elif isinstance(err, weights_mod.WeightsError | ValueError | OSError):
+            show_error(f"LV-UNet: {err}")
+        else:
+            logger.error("LV-UNet job failed", exc_info=err)
+            show_error(f"LV-UNet failed: {type(err).__name__}: {err}")
+
+    def _show_device(self, request: _Request, result: _Result) -> None:
+        text = f"{result.device} ({result.backend})"
+        fell_back = request.device not in ("auto", "cpu") and result.device == "cpu"
+        if fell_back and self.device_in_use.value != text:
+            show_warning(f"LV-UNet: {request.device} is not available here; running on the CPU.")
+        self.device_in_use.value = text
+
+    def _result_layer(self, image: Image) -> Labels | None:
+        """The most recent result Labels layer made from ``image`` that is still open."""
+        found = None
+        for layer in self.viewer.layers:
+            track = self._tracks.get(_real(layer)) if isinstance(layer, Labels) else None
+            if track is not None and track.image() is _real(image):
+                found = layer
+        return found
+
+    def _new_labels(self, image: Image, dtype: np.dtype) -> Labels:
+        shape = image.data.shape[:-1] if image.rgb else image.data.shape
+        layer = self.viewer.add_labels(
+            np.zeros(shape, dtype=dtype),
+            name=f"{image.name} labels",
+            scale=image.scale,
+            translate=image.translate,
+            metadata={"lvunet_image": image.name},
+        )
+        real = _real(layer)
+        self._tracks[real] = _Track(image=weakref.ref(_real(image)))
+        n_leading = image.ndim - 2
+        # Remember which slices the user corrected, so live preview never repaints them.
+        layer.events.paint.connect(functools.partial(self._on_paint, weakref.ref(real), n_leading))
+        return layer
+
+    @_if_alive
+    def _on_paint(self, layer_ref: weakref.ReferenceType, n_leading: int, event: Any) -> None:
+        layer = layer_ref()
+        if layer is not None and layer in self._tracks:
+            self._tracks[layer].edited |= edited_slices(event.value, n_leading)
+
+    def edited_slices(self, layer: Labels) -> set[SliceIndex]:
+        """The slices of a result layer the user has painted on (a copy)."""
+        track = self._tracks.get(_real(layer))
+        return set(track.edited) if track else set()
+
+    @_if_alive
+    def _on_segmented(self, result: _Result) -> None:
+        request = result.request
+        image = request.image
+        if image not in self.viewer.layers:
+            show_warning(f"LV-UNet: layer {image.name!r} was closed before its result arrived.")
+            return
+        self._show_device(request, result)
+        target = self._result_layer(image) if request.overwrite else None
+        labels = result.labels
+        if target is None or target.data.shape != (
+            image.data.shape[:-1] if image.rgb else image.data.shape
+        ):
+            target = self._new_labels(image, labels.dtype)
+        elif request.index is None:
+            self._tracks[_real(target)].edited.clear()  # the user chose to replace their edits
+        else:
+            self._tracks[_real(target)].edited.discard(request.index)
+        if request.index is None:
+            target.data = labels
+        else:
+            _fit_dtype(target, labels)
+            target.data[request.index] = labels
+            target.refresh()
+        if result.probabilities is not None:
+            self._show_probabilities(image, request, result.probabilities)
+        self.status.value = f"done: {target.name}"
+        self.corrected.reset_choices()
+        self.corrected.value = target
+
+    def _show_probabilities(self, image: Image, request: _Request, probs: np.ndarray) -> None:
+        name = f"{image.name} probability"
+        shape = image.data.shape[:-1] if image.rgb else image.data.shape
+        existing = next((lay for lay in self.viewer.layers if lay.name == name), None)
+        if request.overwrite and existing is not None and existing.data.shape == shape:
+            layer = existing
+        else:
+            layer = self.viewer.add_image(
+                np.zeros(shape, dtype=np.float32),
+                name=name,
+                colormap="magma",
+                blending="additive",
+                opacity=0.5,
+                contrast_limits=(0.0, 1.0),
+                scale=image.scale,
+                translate=image.translate,
+            )
+        if request.index is None:
+            layer.data = probs.astype(np.float32, copy=False)
+        else:
+            layer.data[request.index] = probs
+            layer.refresh()
+
+    # ---------------------------------------------------------- live preview
+    def _on_live_toggled(self, on: bool) -> None:
+        if on:
+            self._request_preview()
+
+    @_if_alive
+    def _on_step(self, _event: Any = None) -> None:
+        if self.live.value:
+            self._request_preview()
+
+    def _request_preview(self) -> None:
+        """Segment the displayed slice; while one runs, only the latest request waits."""
+        image = self.image.value
+        if image is None:
+            return
+        if image.ndim > 2 and tuple(self.viewer.dims.displayed) != tuple(
+            range(self.viewer.dims.ndim - 2, self.viewer.dims.ndim)
+        ):
+            return  # a rolled or 3D view has no single displayed YX slice
+        self._preview_pending = (image, self._displayed_index(image))
+        if self._preview_worker is None:
+            self._next_preview()
+
+    def _next_preview(self) -> None:
+        if self._preview_pending is None or not self.live.value:
+            return
+        image, index = self._preview_pending
+        self._preview_pending = None
+        target = self._result_layer(image)
+        if target is not None and index in self._tracks[_real(target)].edited:
+            return  # never repaint a slice the user corrected
+        try:
+            request = self._gather(preview_index=index)
+        except ValueError as err:
+            self.live.value = False
+            show_error(f"Live preview stopped: {err}")
+            return
+        self._preview_worker = create_worker(
+            self._run,
+            request,
+            None,
+            _start_thread=True,
+            _connect={
+                "returned": self._on_preview,
+                "errored": self._on_preview_error,
+                "finished": self._on_preview_finished,
+            },
+        )
+
+    @_if_alive
+    def _on_preview(self, result: _Result) -> None:
+        request = result.request
+        image = request.image
+        if image not in self.viewer.layers:
+            return
+        self._show_device(request, result)
+        target = self._result_layer(image)
+        if target is None:
+            target = self._new_labels(image, result.labels.dtype)
+        if request.index in self._tracks[_real(target)].edited:
+            return  # painted while the preview was computing
+        _fit_dtype(target, result.labels)
+        target.data[request.index] = result.labels
+        target.refresh()
+
+    @_if_alive
+    def _on_preview_error(self, err: BaseException) -> None:
+        self.live.value = False
+        self._preview_pending = None
+        self._on_error(err)
+        show_warning("Live preview was turned off after the error above.")
+
+    @_if_alive
+    def _on_preview_finished(self) -> None:
+        self._preview_worker = None
+        self._next_preview()
+
+    # --------------------------------------------------- correction -> training
+    def _weights_reference(self) -> str:
+        """What the fine-tune command names as weights: a file path or a registry name."""
+        key = self.model.value or ""
+        loaded = self._loaded.get(key)
+        return str(loaded.path) if loaded is not None else key
+
+    def _update_command(self, _value: Any = None) -> None:
+        folder = self.data_dir.value
+        if folder and str(folder) not in ("", "."):
+            self.command.value = finetune_command(folder, self._weights_reference())
+
+    def save_for_training(self) -> list[tuple[Path, Path]]:
+        """Write the image and its corrected labels as training pairs (the button).
+
+        Returns:
+            The ``(image, mask)`` paths written; empty when nothing was saved.
+        """
+        image, labels = self.image.value, self.corrected.value
+        folder = self.data_dir.value
+        if image is None or labels is None:
+            show_error("Save for training needs an image layer and a Labels layer.")
+            return []
+        if not folder or str(folder) in ("", "."):
+            show_error("Choose a dataset folder to save into first.")
+            return []
+        slices = None
+        if image.ndim > 2 and self.scope.value == "slice":
+            slices = [self._displayed_index(image)]
+        try:
+            pairs = save_for_training(
+                np.asarray(image.data),
+                np.asarray(labels.data),
+                folder,
+                safe_stem(image.name),
+                rgb=bool(image.rgb),
+                slices=slices,
+            )
+        except (ValueError, OSError) as err:
+            show_error(f"Nothing saved: {err}")
+            return []
+        self._update_command()
+        show_info(
+            f"Saved {len(pairs)} image/mask pair(s) to {folder}. To fine-tune: {self.command.value}"
+        )
+        self.status.value = f"saved {len(pairs)} pair(s)"
+        return pairs
+
+    def finetune(self) -> None:
+        """Fine-tune the current model on the dataset folder in a worker (the button)."""
+        if self._worker is not None:
+            show_warning("LV-UNet is busy: wait for the running job, or press Cancel.")
+            return
+        folder = self.data_dir.value
+        if not folder or str(folder) in ("", ".") or not Path(folder).is_dir():
+            show_error("Choose an existing dataset folder (saved with 'Save for training').")
+            return
+        if self.model.value is None:
+            show_error("No model selected to fine-tune.")
+            return
+        try:
+            # One-way rule: napari_lvunet imports training only here, when asked to train.
+            from training.finetune import finetune
+        except ImportError as err:
+            show_error(f"The training package is not available ({err}).")
+            return
+        self._cancel = threading.Event()
+        self._start(
+            self._run_finetune,
+            finetune,
+            Path(folder),
+            self.model.value,
+            int(self.epochs.value),
+            self._cancel,
+            on_returned=self._on_finetuned,
+            status=f"fine-tuning on {folder}...",
+        )
+
+    def _run_finetune(
+        self, finetune: Any, folder: Path, key: str, epochs: int, cancel: threading.Event
+    ) -> Path:
+        weights_path = self._loaded_model(key).path
+
+        def progress(epoch: int, total: int, _metrics: Any) -> None:
+            self._progress.changed.emit(epoch, total)
+
+        return finetune(folder, weights_path, epochs=epochs, progress=progress, cancel=cancel)
+
+    @_if_alive
+    def _on_finetuned(self, path: Path) -> None:
+        self.add_weights_file(path)
+        self.status.value = f"fine-tuned: {Path(path).name}"
+        show_info(f"LV-UNet: fine-tuned weights saved to {path} and selected.")
