@@ -1,0 +1,234 @@
+"""The ``napari-lvunet`` command: real files in, real PNG/TIFF files out, one-line errors.
+
+Weights are a real fused LV-UNet written with ``weights.save_weights``; the commands run
+on the PyTorch backend (``--backend torch``) so that no test pays for an ONNX export (the
+ONNX Runtime path is tested in test_inference.py). The GUI test runs under Xvfb.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from napari_lvunet import cli
+from napari_lvunet.inference import Segmenter
+from napari_lvunet.model import LVUNet
+from napari_lvunet.preprocess import normalize
+from napari_lvunet.weights import load_model, save_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def disk_image(height: int, width: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:height, :width]
+    img = np.empty((height, width, 3), np.uint8)
+    img[...] = rng.integers(0, 90, 3)
+    for _ in range(3):
+        cy, cx = rng.integers(0, height), rng.integers(0, width)
+        r = rng.integers(min(height, width) // 10, min(height, width) // 4)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.integers(150, 256, 3)
+    return img
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Fused weights of an LV-UNet whose BatchNorms saw synthetic images (varied output)."""
+    torch.manual_seed(2)
+    model = LVUNet()
+    model.set_act_learn(1.0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None
+    batch = np.stack([disk_image(256, 256, s) for s in range(4)])
+    model.train()
+    with torch.no_grad():
+        model(normalize(torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255.0))
+    path = tmp_path_factory.mktemp("weights") / "test-model.safetensors"
+    return save_weights(model.eval(), path, {"dataset": "synthetic disks (test)"})
+
+
+@pytest.fixture
+def image_file(tmp_path: Path) -> Path:
+    path = tmp_path / "scan 1.png"
+    Image.fromarray(disk_image(200, 240, seed=1)).save(path)
+    return path
+
+
+def run(*args: str | Path) -> int:
+    return cli.main([str(a) for a in args])
+
+
+def test_segment_writes_mask_and_overlay(
+    image_file: Path, weights_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "results" / "new"
+    rc = run("segment", image_file, "--weights", weights_file, "--out", out, "--backend", "torch")
+    assert rc == 0
+    mask_path, overlay_path = out / "scan 1_mask.png", out / "scan 1_overlay.png"
+    printed = capsys.readouterr().out
+    assert f"wrote {mask_path}" in printed and f"wrote {overlay_path}" in printed
+    mask = np.asarray(Image.open(mask_path))
+    image = np.asarray(Image.open(image_file))
+    expected = Segmenter(load_model(weights_file), backend="torch").segment(image)
+    assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 255}
+    np.testing.assert_array_equal(mask, expected * 255)
+    overlay = np.asarray(Image.open(overlay_path))
+    assert overlay.shape == (200, 240, 3)
+    # Background pixels away from any object keep the image's colour; objects change.
+    assert np.any(overlay[expected > 0] != image[expected > 0])
+    assert (overlay == (255, 255, 0)).all(axis=-1).any(), "outlines are drawn"
+
+
+def test_existing_outputs_are_kept_unless_overwrite(
+    image_file: Path, weights_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    overlay = tmp_path / "scan 1_overlay.png"
+    overlay.write_bytes(b"hand-made overlay")
+    args = ["segment", image_file, "--weights", weights_file, "--out", tmp_path]
+    assert run(*args, "--backend", "torch") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exists; pass --overwrite" in err  # before any work
+    assert overlay.read_bytes() == b"hand-made overlay"
+    assert not (tmp_path / "scan 1_mask.png").exists(), "nothing written when one output exists"
+    assert run(*args, "--backend", "torch", "--overwrite") == 0
+    assert overlay.read_bytes() != b"hand-made overlay"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_instances_and_tiles(image_file: Path, weights_file: Path, tmp_path: Path) -> None:
+    args = ["--weights", weights_file, "--out", tmp_path, "--backend", "torch"]
+    assert run("segment", image_file, *args, "--output", "instances", "--sizing", "tiles") == 0
+    mask = np.asarray(Image.open(tmp_path / "scan 1_mask.png"))
+    image = np.asarray(Image.open(image_file))
+    expected = Segmenter(load_model(weights_file), backend="torch").segment(
+        image, output="instances", sizing="tiles"
+    )
+    np.testing.assert_array_equal(mask, expected)
+    assert mask.max() >= 1
+
+
+def test_tiff_stack_gives_a_tiff_mask(weights_file: Path, tmp_path: Path) -> None:
+    stack = np.stack([disk_image(96, 128, s)[..., 0].astype(np.uint16) * 100 for s in range(3)])
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, stack, photometric="minisblack")
+    assert (
+        run("segment", path, "--weights", weights_file, "--out", tmp_path, "--backend", "torch")
+        == 0
+    )
+    mask = tifffile.imread(tmp_path / "stack_mask.tif")
+    assert mask.shape == (3, 96, 128) and set(np.unique(mask)) <= {0, 255}
+    assert not (tmp_path / "stack_overlay.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: d / "missing.png", "no such file"),
+        (lambda d: d, "not a file"),
+        (lambda d: _write(d / "notes.png", b"plain text"), "cannot read"),
+        (lambda d: _tiff(d / "nan.tif", np.full((64, 64), np.nan, np.float32)), "NaN or infinite"),
+        (
+            lambda d: _tiff(d / "cplx.tif", np.zeros((64, 64), np.complex64)),
+            "unsupported image dtype",
+        ),
+    ],
+)
+def test_bad_images_give_one_line_errors(
+    make, message: str, weights_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--weights", weights_file, "--out", tmp_path / "out", "--backend", "torch"]
+    assert run("segment", make(tmp_path), *args) == 1
+    # The error is the last line (progress lines may precede it) and the only one.
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1].startswith("napari-lvunet: error: ") and message in lines[-1]
+    assert sum("error" in line for line in lines) == 1
+
+
+def test_bad_weights_and_options(
+    image_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake = _write(tmp_path / "fake.safetensors", b"\x80\x04 not weights")
+    assert run("segment", image_file, "--weights", fake, "--out", tmp_path) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fake.safetensors" in err
+    assert run("segment", image_file, "--weights", tmp_path / "none.safetensors") == 1
+    assert capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(SystemExit) as exc:
+        run("segment", image_file, "--sizing", "crop")
+    assert exc.value.code == 2
+
+
+def test_view_headless_segments_the_sample(
+    weights_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sample = cli.sample_image_path()
+    assert sample.is_file() and sample.suffix == ".jpg"
+    args = ["--weights", weights_file, "--out", tmp_path, "--backend", "torch"]
+    assert run("view", "--headless", *args) == 0
+    assert (tmp_path / f"{sample.stem}_mask.png").is_file()
+    assert (tmp_path / f"{sample.stem}_overlay.png").is_file()
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_view_without_display_runs_segment(
+    image_file: Path,
+    weights_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    args = ["--weights", weights_file, "--out", tmp_path, "--backend", "torch"]
+    assert run("view", image_file, *args) == 0
+    printed = capsys.readouterr().out
+    assert "no display found" in printed
+    assert (tmp_path / "scan 1_mask.png").is_file()
+
+
+def test_module_entry_point_reports_errors_on_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "napari_lvunet", "segment", str(tmp_path / "nope.jpg")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"napari-lvunet: error: no such file: {tmp_path / 'nope.jpg'}"
+    ]
+
+
+@pytest.mark.gui
+def test_view_opens_napari_with_sample_and_widget(weights_file: Path, qtbot) -> None:
+    viewer = cli.open_viewer(weights=str(weights_file), show=False)
+    try:
+        assert [layer.name for layer in viewer.layers][:1] == ["polyp"]
+        (name,) = [n for n in viewer.window.dock_widgets if "LV-UNet segmentation" in n]
+        widget = viewer.window.dock_widgets[name]
+        assert widget.model.value == str(weights_file.resolve())  # --weights is selected
+    finally:
+        viewer.close()
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _tiff(path: Path, array: np.ndarray) -> Path:
+    tifffile.imwrite(path, array)
+    return path
