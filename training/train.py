@@ -416,6 +416,17 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False) -> 
         time.perf_counter() - t0,
     )
 
+    torch.manual_seed(cfg.seed)
+    weights = None
+    if cfg.imagenet:
+        from torchvision.models import MobileNet_V3_Large_Weights
+
+        weights = MobileNet_V3_Large_Weights.IMAGENET1K_V1
+    try:  # before the run folder exists: a failed download must leave nothing behind
+        model = LVUNet(1, weights=weights)
+    except RuntimeError as err:
+        raise ConfigError(str(err)) from err
+
     ctx.barrier()  # every rank checked the folder before rank 0 creates it
     if ctx.main and not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -433,13 +444,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False) -> 
         atomic_write_text(run_dir / "config.json", json.dumps(info, indent=2) + "\n")
         atomic_write_text(run_dir / "splits.json", json.dumps(splits, indent=1) + "\n")
 
-    torch.manual_seed(cfg.seed)
-    weights = None
-    if cfg.imagenet:
-        from torchvision.models import MobileNet_V3_Large_Weights
-
-        weights = MobileNet_V3_Large_Weights.IMAGENET1K_V1
-    model = LVUNet(1, weights=weights).to(device)
+    model = model.to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     net: torch.nn.Module = model
