@@ -31,6 +31,7 @@ from training.data import (
     DatasetError,
     binarize_mask,
     find_pairs,
+    read_array,
     resolve_splits,
 )
 from training.finetune import FinetuneCancelled, finetune
@@ -97,6 +98,16 @@ def test_pairs_splits_and_mask_binarisation(dataset: Path, tmp_path: Path) -> No
     assert binarize_mask(noisy).tolist() == [[False, True, True], [True, True, True]]
     assert binarize_mask(np.array([[0, 1]], np.uint8), lossy=True).tolist() == [[False, True]]
     assert binarize_mask(np.array([[0, 7, 300]], np.uint16)).tolist() == [[False, True, True]]
+
+
+def test_palette_files_give_colours_for_images_and_labels_for_masks(tmp_path: Path) -> None:
+    labels = np.array([[0, 1, 2], [3, 0, 1]], np.uint8)
+    im = Image.fromarray(labels, mode="P")
+    im.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 756)
+    im.save(tmp_path / "p.png")
+    assert read_array(tmp_path / "p.png", mask=True).tolist() == labels.tolist()
+    colours = read_array(tmp_path / "p.png")
+    assert colours.shape == (2, 3, 3) and colours[0, 1].tolist() == [255, 0, 0]
 
 
 def test_augmentation_is_seeded_and_keeps_masks_binary(dataset: Path) -> None:

@@ -172,8 +172,13 @@ def resolve_splits(
     return splits
 
 
-def read_array(path: Path) -> np.ndarray:
+def read_array(path: Path, *, mask: bool = False) -> np.ndarray:
     """Read an image file into a numpy array (2-D, or channel-last 3-D).
+
+    Args:
+        path: A png, jpg or tif file.
+        mask: Read a mask: a palette image gives its indices (label values), where an
+            image gives its colours.
 
     Raises:
         DatasetError: If the file cannot be decoded or is not a 2-D image.
@@ -188,9 +193,11 @@ def read_array(path: Path) -> np.ndarray:
 
             with Image.open(path) as im:
                 if im.mode in ("P", "PA"):  # palette: indices for masks, colours for images
-                    im = im.convert("RGBA") if "transparency" in im.info else im
-                if im.mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
-                    im = im.convert("L" if im.mode == "1" else "RGB")
+                    im = im.getchannel(0) if mask else im.convert("RGB")
+                elif im.mode in ("1", "LA"):
+                    im = im.convert("L")
+                elif im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+                    im = im.convert("RGB")
                 array = np.asarray(im)
     except Exception as err:  # any decoder failure is the file's fault: say which file
         raise DatasetError(f"cannot read {path}: {err}") from err
@@ -232,7 +239,7 @@ def load_pair(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
         DatasetError: If a file is unreadable, the image is not usable, or the sizes differ.
     """
     image = read_array(pair.image)
-    mask = read_array(pair.mask)
+    mask = read_array(pair.mask, mask=True)
     if image.shape[:2] != mask.shape[:2]:
         raise DatasetError(
             f"mask {pair.mask.name} is {mask.shape[1]}x{mask.shape[0]} px but image "
