@@ -362,6 +362,9 @@ class LVUNetWidget(Container):
         cache_key = (loaded.sha256, device)
         with _SEGMENTERS_LOCK:
             if cache_key not in _SEGMENTERS:
+                self._progress.message.emit(
+                    f"preparing {loaded.name} (first use: exporting it for ONNX Runtime)..."
+                )
                 _SEGMENTERS[cache_key] = Segmenter(loaded, device=device)
             return _SEGMENTERS[cache_key]
 
@@ -664,6 +667,7 @@ class LVUNetWidget(Container):
         _fit_dtype(target, result.labels)
         target.data[request.index] = result.labels
         target.refresh()
+        self.status.value = f"live preview: {target.name}, slice {request.index}"
 
     @_if_alive
     def _on_preview_error(self, err: BaseException) -> None:

@@ -7,6 +7,9 @@ Xvfb: ``xvfb-run -a pytest tests/test_widget.py``. Models are random fused LV-UN
 
 from __future__ import annotations
 
+import functools
+import http.server
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -363,3 +366,158 @@ def test_save_for_training_from_widget(viewer_widget, qtbot, notes, tmp_path, we
     again = widget.save_for_training()
     assert [p.name for p, _ in again] == ["frames-2_z002.png"]
     assert len(list((tmp_path / "corrections" / "masks").iterdir())) == 4
+
+
+def _tiny_folder(root: Path, n: int = 3, size: int = 128) -> Path:
+    rng = np.random.default_rng(6)
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True)
+    for i in range(n):
+        image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        mask = np.zeros((size, size), np.uint8)
+        mask[20 + 10 * i : 70 + 10 * i, 30:90] = 255
+        PILImage.fromarray(image).save(root / "images" / f"case{i}.png")
+        PILImage.fromarray(mask).save(root / "masks" / f"case{i}.png")
+    return root
+
+
+@pytest.mark.gui
+@pytest.mark.slow
+def test_finetune_from_widget_selects_new_weights(viewer_widget, qtbot, notes, tmp_path) -> None:
+    viewer, widget = viewer_widget
+    folder = _tiny_folder(tmp_path / "corrections")
+    widget.data_dir.value = folder
+    widget.epochs.value = 1
+    before = widget.model.value
+    widget.finetune()
+    assert not widget.segment_button.enabled  # one job at a time
+    _wait_idle(qtbot, widget, timeout=180_000)
+    assert not notes.messages("error"), notes.messages("error")
+    new = Path(widget.model.value)
+    assert widget.model.value != before and new.parent == folder / "finetuned"
+    assert new.suffix == ".safetensors" and widget.model.current_choice == f"{new.name} (file)"
+    assert (widget.progress.value, widget.progress.max) == (1, 1)
+
+    # The new weights are what the next segmentation uses.
+    from napari_lvunet.weights import load_model
+
+    assert load_model(new).metadata["base_weights"]["sha256"] != load_model(new).sha256
+    viewer.add_image(np.random.default_rng(7).integers(0, 256, (128, 128), np.uint8), name="x")
+    widget.segment()
+    _wait_idle(qtbot, widget)
+    np.testing.assert_array_equal(
+        viewer.layers["x labels"].data, _reference(new, viewer.layers["x"].data, "YX")
+    )
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def served(tmp_path: Path, weights_file: Path, monkeypatch: pytest.MonkeyPatch):
+    """A registry whose only model is served by a real HTTP server on 127.0.0.1."""
+    import shutil
+
+    from napari_lvunet import weights
+
+    root = tmp_path / "www"
+    root.mkdir()
+    shutil.copyfile(weights_file, root / "served.safetensors")
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    entry = weights.ModelEntry(
+        name="served",
+        filename="served.safetensors",
+        sha256=weights.file_sha256(root / "served.safetensors"),
+        description="random weights served locally",
+    )
+    monkeypatch.setattr(weights, "registry", lambda: {"served": entry})
+    monkeypatch.setenv(weights.BASE_URL_ENV, f"http://127.0.0.1:{httpd.server_port}/")
+    monkeypatch.setenv(weights.CACHE_ENV, str(tmp_path / "cache"))
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.mark.gui
+def test_model_downloads_from_local_server_on_segment(served, make_napari_viewer, qtbot) -> None:
+    from napari_lvunet._widget import LVUNetWidget
+
+    viewer = make_napari_viewer()
+    widget = LVUNetWidget(viewer)
+    widget.model.value = "served"
+    assert widget.model.current_choice == "served (will download)"
+    viewer.add_image(np.zeros((128, 128), np.uint8), name="img")
+    messages: list[str] = []
+    widget._progress.message.connect(messages.append)
+    widget.segment()
+    _wait_idle(qtbot, widget)
+    assert "img labels" in viewer.layers
+    assert messages[:2] == ["downloading served...", "download complete"], messages
+    assert widget.model.current_choice == "served (cached)"
+
+
+@pytest.mark.gui
+def test_download_failure_is_a_notification(served, make_napari_viewer, qtbot, notes) -> None:
+    from napari_lvunet._widget import LVUNetWidget
+
+    served.shutdown()
+    served.server_close()  # the server is down: the machine looks offline
+    viewer = make_napari_viewer()
+    widget = LVUNetWidget(viewer)
+    viewer.add_image(np.zeros((128, 128), np.uint8), name="img")
+    widget.segment()
+    _wait_idle(qtbot, widget)
+    (message,) = notes.messages("error")
+    assert "served" in message and "img labels" not in viewer.layers
+    assert widget.status.value == "failed" and widget.segment_button.enabled
+
+
+@pytest.mark.gui
+def test_error_paths_are_notifications(viewer_widget, qtbot, notes, tmp_path, monkeypatch):
+    viewer, widget = viewer_widget
+
+    widget.segment()  # no image layer
+    assert "No image layer" in notes.messages("error")[-1]
+
+    widget.save_for_training()  # no Labels layer
+    assert "needs an image layer and a Labels layer" in notes.messages("error")[-1]
+
+    bad = np.ones((128, 128), np.float32)
+    bad[3, 3] = np.nan
+    viewer.add_image(bad, name="bad")
+    widget.segment()  # unsupported data, found in the worker
+    _wait_idle(qtbot, widget)
+    assert "NaN" in notes.messages("error")[-1]
+
+    widget.image.value = viewer.add_image(np.zeros((2, 2, 2, 64, 64), np.uint8), name="5d")
+    widget.segment()  # unsupported shape, found before any work starts
+    assert "5 spatial dimensions" in notes.messages("error")[-1]
+
+    viewer.layers.remove("5d")
+    widget.image.value = viewer.add_image(np.zeros((128, 128), np.uint8), name="fine")
+    widget.add_weights_file(tmp_path / "deleted.safetensors")  # weights missing
+    widget.segment()
+    _wait_idle(qtbot, widget)
+    assert "deleted.safetensors" in notes.messages("error")[-1]
+
+    from napari_lvunet.inference import Segmenter
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 12.0 GiB")
+
+    widget.model.value = next(c for c in widget.model.choices if c.endswith("random.safetensors"))
+    monkeypatch.setattr(Segmenter, "segment", out_of_memory)
+    widget.segment()
+    _wait_idle(qtbot, widget)
+    assert "ran out of memory" in notes.messages("error")[-1]
+
+    widget.finetune()  # no dataset folder chosen
+    assert "dataset folder" in notes.messages("error")[-1]
+    assert len(notes.messages("error")) == 7
+    assert widget.segment_button.enabled and not widget.cancel_button.enabled
+    assert "fine labels" not in viewer.layers

@@ -1,0 +1,196 @@
+"""Widget latency, measured the way a user experiences it, in a real napari window.
+
+* Segment click -> Labels layer shown, for a 1024 x 1024 RGB image, with the "resize"
+  policy (target < 50 ms) and native tiles (target < 150 ms).
+* Live preview: slice slider moved -> that 512 x 512 slice segmented and shown (< 50 ms).
+
+Each timing starts when the widget's Segment action (what the button calls) is invoked, or
+when the slider's step changes, and ends after the result was written into the Labels layer
+and the Qt event loop has processed the repaint. The model is warm (the ONNX export and
+session are made once, before timing, as they are cached after a user's first click). The
+engine's own time for the same input (``Segmenter.segment``, no napari) is printed beside.
+
+Run on a display (headless: ``xvfb-run -a``)::
+
+    xvfb-run -a python benchmarks/bench_widget.py
+    xvfb-run -a python benchmarks/bench_widget.py --weights my.safetensors --repeats 30
+
+Without ``--weights`` the registry's default model is used, or, before it is bundled, a
+random LV-UNet (timing does not depend on the weights' values). A background training run
+whose pid is in ``/tmp/kvasir_train.pid`` is paused (SIGSTOP) while timing, and always
+resumed (SIGCONT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import signal
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+PID_FILE = Path("/tmp/kvasir_train.pid")
+
+
+@contextlib.contextmanager
+def paused_training(pid_file: Path = PID_FILE) -> Iterator[None]:
+    """SIGSTOP the process named in ``pid_file`` (if any) and always SIGCONT it after."""
+    pid = None
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, signal.SIGSTOP)
+        print(f"paused background process {pid}")
+    previous = {}
+
+    def resume_and_exit(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, resume_and_exit)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if pid is not None:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGCONT)
+                print(f"resumed background process {pid}")
+
+
+def _stats(times_s: list[float]) -> tuple[float, float, float]:
+    ms = sorted(t * 1000 for t in times_s)
+    p90 = ms[min(len(ms) - 1, round(0.9 * (len(ms) - 1)))]
+    return statistics.median(ms), p90, ms[0]
+
+
+def _weights(args: argparse.Namespace, tmp: Path) -> tuple[str, str]:
+    """(picker key, description) of the weights to time."""
+    from napari_lvunet import weights
+
+    if args.weights is not None:
+        return str(args.weights.resolve()), args.weights.name
+    if weights.DEFAULT_MODEL in weights.registry():
+        return weights.DEFAULT_MODEL, weights.DEFAULT_MODEL
+    from napari_lvunet.model import LVUNet
+
+    model = LVUNet(act_num=1)
+    model.set_act_learn(1.0)
+    path = weights.save_weights(model, tmp / "random.safetensors", {"dataset": "none"})
+    return str(path), "random LV-UNet (default model not bundled yet)"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Time the widget and print a table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--weights", type=Path, help="a .safetensors file")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--size", type=int, default=1024, help="click benchmark image side")
+    parser.add_argument("--preview-size", type=int, default=512)
+    args = parser.parse_args(argv)
+
+    import napari
+    from qtpy.QtCore import QEventLoop, QTimer
+    from qtpy.QtWidgets import QApplication
+
+    from napari_lvunet._widget import LVUNetWidget
+    from napari_lvunet.inference import Segmenter
+    from napari_lvunet.weights import load_model
+
+    rng = np.random.default_rng(0)
+    rows: list[tuple[str, str, list[float], list[float]]] = []
+    with tempfile.TemporaryDirectory() as tmp, paused_training():
+        key, described = _weights(args, Path(tmp))
+        viewer = napari.Viewer(title="bench")
+        widget = LVUNetWidget(viewer)
+        viewer.window.add_dock_widget(widget, name="LV-UNet segmentation")
+        if Path(key).suffix == ".safetensors":
+            widget.add_weights_file(key)
+        else:
+            widget.model.value = key
+        widget.device.value = "cpu"
+        app = QApplication.instance()
+
+        def wait_idle() -> None:
+            loop = QEventLoop()
+            timer = QTimer()
+            timer.setInterval(1)
+
+            def check() -> None:
+                if not widget.busy and widget._preview_pending is None:
+                    loop.quit()
+
+            timer.timeout.connect(check)
+            timer.start()
+            loop.exec_()
+            timer.stop()
+            app.processEvents()  # the repaint of the updated layer
+
+        def timed(action: Callable[[], None]) -> float:
+            start = time.perf_counter()
+            action()
+            wait_idle()
+            return time.perf_counter() - start
+
+        segmenter = Segmenter(load_model(key), device="cpu")  # the engine alone, for reference
+        image = rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
+        layer = viewer.add_image(image, name="big", rgb=True)
+        widget.image.value = layer
+        widget.overwrite.value = True  # rewrite one layer instead of piling up layers
+        for sizing in ("resize", "tiles"):
+            widget.sizing.value = sizing
+            for _ in range(2):  # warm: ONNX export/session, first layer creation
+                timed(widget.segment)
+                segmenter.segment(image, axes="YXC", sizing=sizing)
+            clicks = [timed(widget.segment) for _ in range(args.repeats)]
+            engine = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                segmenter.segment(image, axes="YXC", sizing=sizing)
+                engine.append(time.perf_counter() - start)
+            rows.append((f"click -> Labels, {args.size}^2 RGB", sizing, clicks, engine))
+
+        n = args.repeats + 3
+        side = args.preview_size
+        stack = rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8)
+        widget.image.value = viewer.add_image(stack, name="stack", rgb=True)
+        widget.sizing.value = "resize"
+        viewer.dims.set_current_step(0, 0)
+        widget.live.value = True
+        wait_idle()
+        for step in (1, 2):  # warm
+            timed(lambda s=step: viewer.dims.set_current_step(0, s))
+        slides = [timed(lambda s=step: viewer.dims.set_current_step(0, s)) for step in range(3, n)]
+        engine = []
+        for step in range(3, n):
+            start = time.perf_counter()
+            segmenter.segment(stack[step], axes="YXC")
+            engine.append(time.perf_counter() - start)
+        rows.append((f"live preview, {side}^2 RGB slice", "resize", slides, engine))
+        backend = f"{segmenter.device} ({segmenter.backend})"
+        viewer.close()
+
+    print()
+    print(f"LV-UNet widget latency: {described}, {backend}, {args.repeats} runs each")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+    header = f"| {'what':34} | {'sizing':6} | {'median ms':>9} | {'p90 ms':>7} | {'min ms':>7} |"
+    header += f" {'engine median ms':>16} |"
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    for what, sizing, times, engine_times in rows:
+        med, p90, low = _stats(times)
+        print(
+            f"| {what:34} | {sizing:6} | {med:9.1f} | {p90:7.1f} | {low:7.1f} |"
+            f" {_stats(engine_times)[0]:16.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Make ``docs/screenshot.png``: napari with the LV-UNet widget on the sample polyp.
+
+Opens the plugin's sample data and dock widget the way a user does (through napari's plugin
+machinery), presses Segment, waits for the Labels layer and saves a screenshot of the whole
+window. Run it under a display, e.g. on a headless machine::
+
+    xvfb-run -a python docs/make_screenshot.py                      # the default model
+    xvfb-run -a python docs/make_screenshot.py --weights my.safetensors
+    xvfb-run -a python docs/make_screenshot.py --random-weights     # layout only
+
+``--random-weights`` (an untrained network, meaningless mask) is for checking the layout
+before trained weights exist; re-run without it once the default model is bundled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import napari
+from qtpy.QtWidgets import QApplication
+
+from napari_lvunet import weights
+
+HERE = Path(__file__).resolve().parent
+
+
+def _random_weights(folder: Path) -> Path:
+    from napari_lvunet.model import LVUNet
+
+    model = LVUNet(act_num=1)
+    model.set_act_learn(1.0)
+    return weights.save_weights(
+        model, folder / "random.safetensors", {"dataset": "none: random weights"}
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the arguments, segment the sample, write the screenshot."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--weights", type=Path, help="a .safetensors file (default: the registry's default model)"
+    )
+    group.add_argument(
+        "--random-weights", action="store_true", help="an untrained network, for layout checks"
+    )
+    parser.add_argument("--sample", default="polyp", choices=["polyp", "polyp_stack"])
+    parser.add_argument("--out", type=Path, default=HERE / "screenshot.png")
+    parser.add_argument("--size", type=int, nargs=2, default=(1400, 860), metavar=("W", "H"))
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        viewer = napari.Viewer(title="napari-lvunet")
+        viewer.window.resize(*args.size)
+        viewer.open_sample("napari-lvunet", args.sample)
+        _dock, widget = viewer.window.add_plugin_dock_widget(
+            "napari-lvunet", "LV-UNet segmentation"
+        )
+        if args.random_weights:
+            widget.add_weights_file(_random_weights(Path(tmp)))
+        elif args.weights is not None:
+            widget.add_weights_file(args.weights)
+        elif weights.DEFAULT_MODEL in weights.registry():
+            widget.model.value = weights.DEFAULT_MODEL
+        else:
+            parser.error(
+                f"the default model {weights.DEFAULT_MODEL!r} is not bundled yet: "
+                "pass --weights or --random-weights"
+            )
+        widget.image.value = viewer.layers[args.sample.replace("_", " ")]
+        before = len(viewer.layers)
+        widget.segment()
+        deadline = time.monotonic() + 300
+        while widget.busy or len(viewer.layers) == before:
+            QApplication.processEvents()
+            if time.monotonic() > deadline:
+                raise SystemExit("segmentation did not finish within 5 minutes")
+            time.sleep(0.02)
+        viewer.layers.selection.active = viewer.layers[-1]
+        for _ in range(20):  # let the canvas and the dock settle before grabbing
+            QApplication.processEvents()
+            time.sleep(0.05)
+        viewer.screenshot(str(args.out), canvas_only=False)
+        print(f"wrote {args.out} (model: {widget.model.current_choice})")
+        viewer.close()
+
+
+if __name__ == "__main__":
+    main()
