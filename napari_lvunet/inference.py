@@ -344,12 +344,30 @@ class _Frame:
     """One 2D frame in flight: its pixels, pending tiles and accumulators."""
 
     index: tuple[int, ...]
-    unit: np.ndarray | None  # (H, W, 3) in [0, 1]; dropped once all tiles are queued
+    where: str  # "Z=3, T=1" for error messages; "" for a single image
+    raw: np.ndarray | None  # (H, W[, C]) as stored; dropped once all inputs are queued
     height: int
     width: int
     pending: int = 0
     probs: np.ndarray | None = None  # (C, H, W) blended probabilities
-    weights: np.ndarray | None = None  # (H, W) blending weight sums
+
+    def unit(self, region: tuple[slice, slice] | None = None) -> np.ndarray:
+        """``to_unit_rgb`` of the frame, or of a region of it, naming the frame on error.
+
+        A region is converted on its own only for uint8, whose scaling (/255) is per
+        pixel; any other dtype is min-max scaled over the whole frame, so it is always
+        converted whole (and then sliced).
+        """
+        assert self.raw is not None
+        try:
+            if region is not None and self.raw.dtype == np.uint8:
+                return to_unit_rgb(self.raw[region])
+            unit = to_unit_rgb(self.raw)
+        except ValueError as err:
+            if not self.where:
+                raise
+            raise ValueError(f"frame {self.where}: {err}") from err
+        return unit if region is None else unit[region]
 
 
 @dataclass
@@ -682,20 +700,16 @@ class Segmenter:
     def _read_frame(
         self, image: Any, axes: str, stack_axes: list[str], index: tuple[int, ...], in_stack: bool
     ) -> _Frame:
-        """Read one 2D frame as channel-last RGB in [0, 1]."""
+        """Read one 2D frame, channel-last, as stored (converted per network input)."""
         where = dict(zip(stack_axes, index, strict=True))
         selection = tuple(where.get(a, slice(None)) for a in axes)
         kept = [a for a in axes if a not in where]  # Y, X and maybe C, in image order
         frame = np.asarray(image[selection])
         frame = frame.transpose([kept.index(a) for a in ("Y", "X", "C") if a in kept])
-        try:
-            unit = to_unit_rgb(frame)
-        except ValueError as err:
-            if not in_stack:
-                raise
-            position = ", ".join(f"{a}={i}" for a, i in zip(stack_axes, index, strict=True))
-            raise ValueError(f"frame {position}: {err}") from err
-        return _Frame(index=index, unit=unit, height=frame.shape[0], width=frame.shape[1])
+        label = ", ".join(f"{a}={i}" for a, i in where.items()) if in_stack else ""
+        return _Frame(
+            index=index, where=label, raw=frame, height=frame.shape[0], width=frame.shape[1]
+        )
 
 
 # --------------------------------------------------------------------------- geometry
@@ -711,8 +725,8 @@ class _ResizeGeometry:
 
     def items(self, frames: Iterator[_Frame]) -> Iterator[_Item]:
         for frame in frames:
-            pixels = torch.from_numpy(frame.unit).permute(2, 0, 1)[None]
-            frame.unit = None
+            pixels = torch.from_numpy(frame.unit()).permute(2, 0, 1)[None]
+            frame.raw = None
             frame.pending = 1
             yield _Item(frame, _resize(pixels, self.size)[0].numpy())
 
@@ -725,14 +739,13 @@ class _ResizeGeometry:
         full = F.interpolate(
             logits[None], size=(frame.height, frame.width), mode="bilinear", align_corners=False
         )[0]
-        return frame, _activate(full, num_classes).numpy()
+        return frame, _activate(full.numpy(), num_classes)
 
 
 class _TileGeometry:
     """``"tiles"``: overlapping native-resolution tiles, blended with smooth weights."""
 
     def __init__(self, tile: int, stride: int, height: int, width: int) -> None:
-        self.ramp = tile - stride
         # A frame smaller than a tile is one tile, padded up to a multiple of 128.
         self.tile_h = tile if height > tile else _round_up(height)
         self.tile_w = tile if width > tile else _round_up(width)
@@ -740,17 +753,36 @@ class _TileGeometry:
         self.xs = _tile_starts(width, tile, stride)
         self.items_per_frame = len(self.ys) * len(self.xs)
         self.height, self.width = height, width
+        self._wy, self._sum_y = self._weights(self.ys, self.tile_h, height, tile - stride)
+        self._wx, self._sum_x = self._weights(self.xs, self.tile_w, width, tile - stride)
+
+    @staticmethod
+    def _weights(
+        starts: list[int], tile: int, length: int, ramp: int
+    ) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        """Per-start 1D blending weights (cropped to the image) and their sum."""
+        weights, total = {}, np.zeros(length, np.float32)
+        for start in starts:
+            size = min(tile, length - start)
+            w = _ramp(size, ramp, start > 0, start + size < length)
+            weights[start] = w
+            total[start : start + size] += w
+        return weights, total
 
     def items(self, frames: Iterator[_Frame]) -> Iterator[_Item]:
         th, tw = self.tile_h, self.tile_w
         for frame in frames:
-            unit = frame.unit
-            frame.unit = None
+            # uint8 tiles are converted one by one, so an 8000 x 8000 RGB image never
+            # exists as float32 (768 MB); other dtypes need the whole frame's range.
+            whole = None if frame.raw is not None and frame.raw.dtype == np.uint8 else frame.unit()
             frame.pending = self.items_per_frame
             for y in self.ys:
                 for x in self.xs:
-                    tile = _pad_to(unit[y : y + th, x : x + tw], th, tw)
+                    region = (slice(y, y + th), slice(x, x + tw))
+                    unit = frame.unit(region) if whole is None else whole[region]
+                    tile = _pad_to(unit, th, tw)
                     yield _Item(frame, np.ascontiguousarray(tile.transpose(2, 0, 1)), y, x)
+            frame.raw = None
 
     def accumulate(
         self, item: _Item, logits: torch.Tensor, num_classes: int
@@ -758,24 +790,21 @@ class _TileGeometry:
         frame = item.frame
         h = min(self.tile_h, self.height - item.y)
         w = min(self.tile_w, self.width - item.x)
-        p = _activate(logits[:, :h, :w], num_classes).numpy()
+        p = _activate(logits[:, :h, :w].numpy(), num_classes)
         if self.items_per_frame == 1:
             return frame, p
         if frame.probs is None:
             frame.probs = np.zeros((num_classes, self.height, self.width), np.float32)
-            frame.weights = np.zeros((self.height, self.width), np.float32)
-        wy = _ramp(h, self.ramp, item.y > 0, item.y + h < self.height)
-        wx = _ramp(w, self.ramp, item.x > 0, item.x + w < self.width)
-        weight = wy[:, None] * wx[None, :]
-        region = (slice(item.y, item.y + h), slice(item.x, item.x + w))
-        frame.probs[(slice(None), *region)] += p * weight
-        frame.weights[region] += weight
+        region = (slice(None), slice(item.y, item.y + h), slice(item.x, item.x + w))
+        frame.probs[region] += p * self._wy[item.y][:, None] * self._wx[item.x][None, :]
         frame.pending -= 1
         if frame.pending:
             return None
         probs, frame.probs = frame.probs, None
-        probs /= frame.weights
-        frame.weights = None
+        # Every tile's weight is wy (x) wx on a product grid of tiles, so the sum of the
+        # weights is the outer product of the 1D sums: no (H, W) weight image is needed.
+        probs /= self._sum_y[None, :, None]
+        probs /= self._sum_x[None, None, :]
         return frame, probs
 
 
@@ -809,8 +838,12 @@ def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     ).clamp_(0.0, 1.0)
 
 
-def _activate(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
-    return torch.sigmoid(logits) if num_classes == 1 else torch.softmax(logits, dim=0)
+def _activate(logits: np.ndarray, num_classes: int) -> np.ndarray:
+    """Sigmoid or softmax over the class axis, in numpy: torch's multi-threaded
+    elementwise kernels stall for milliseconds on a busy CPU, numpy's do not."""
+    from scipy.special import expit, softmax
+
+    return expit(logits) if num_classes == 1 else softmax(logits, axis=0)
 
 
 def _to_labels(probs: np.ndarray, threshold: float) -> np.ndarray:

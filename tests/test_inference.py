@@ -387,7 +387,7 @@ def test_multiclass_softmax_and_argmax() -> None:
     for sizing in SIZINGS:
         labels, probs = seg.segment(image, sizing=sizing, return_probabilities=True)
         assert labels.shape == (100, 120) and labels.dtype == np.uint8
-        assert probs.shape == (3, 100, 120)
+        assert probs.shape == (3, 100, 120) and probs.dtype == np.float32
         np.testing.assert_allclose(probs.sum(axis=0), 1.0, atol=1e-5)
         np.testing.assert_array_equal(labels, probs.argmax(axis=0))
         # threshold does not apply to argmax
