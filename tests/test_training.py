@@ -224,6 +224,21 @@ def test_resume_continues_at_the_right_epoch_with_the_same_state(
     assert len((tmp_path / "b" / "log.csv").read_text().splitlines()) == 4
 
 
+def test_resume_can_change_the_run_length(run: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    assert train_mod.main(["--resume", str(copy), "--epochs", "2"]) == 0  # already complete
+    assert train_mod.main(["--resume", str(copy), "--epochs", "1"]) == 2  # cannot shrink past
+    assert train_mod.main(["--resume", str(copy), "--epochs", "4", "--no-progress"]) == 0
+    ckpt = load_checkpoint(copy / "last.pt")
+    # act_learn never falls back below 1 once reached, even though the new curve would
+    assert [h["act_learn"] for h in ckpt["history"]] == [0.0, 1.0, 1.0, 1.0]
+    assert ckpt["history"][-1]["lr"] == pytest.approx(1e-5)
+    info = json.loads((copy / "config.json").read_text())
+    assert info["config"]["epochs"] == 4
+    assert info["schedule_changes"] == [{"after_epoch": 2, "epochs_from": 2, "epochs_to": 4}]
+
+
 def test_resume_refuses_recipe_changes(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = (run / "last.pt").read_bytes()
     assert train_mod.main(["--resume", str(run), "--lr", "0.1"]) == 2

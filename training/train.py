@@ -6,6 +6,9 @@ Launch::
     python -m training.train --data ../shared/datasets/kvasir-seg --out runs/kvasir --epochs 100
     # continue an interrupted run where its last checkpoint left off
     python -m training.train --resume runs/kvasir
+    # ... and re-time it to end after 60 epochs in all (act_learn and lr follow the new
+    # length from here; recorded in config.json under "schedule_changes")
+    python -m training.train --resume runs/kvasir --epochs 60
     # a quick end-to-end check
     python -m training.train --data DIR --out /tmp/smoke --epochs 1 --max-steps 3
     # several processes (DistributedDataParallel; gloo on CPU, NCCL on GPU; rank 0 writes)
@@ -69,6 +72,7 @@ __all__ = [
     "TrainConfig",
     "act_learn_at",
     "autocast_dtype",
+    "cosine_lr",
     "main",
     "select_device",
     "train",
@@ -150,6 +154,16 @@ def act_learn_at(epoch: int, epochs: int, hold_fraction: float = 0.1) -> float:
     if epoch >= ramp:
         return 1.0
     return 1.0 - math.cos(math.pi / 2 * epoch / ramp)
+
+
+def cosine_lr(step: int, total_steps: int, lr: float, min_lr: float) -> float:
+    """The learning rate before optimiser step ``step`` (0-based) of ``total_steps``.
+
+    Cosine decay from ``lr`` to ``min_lr``, in closed form, so that a resumed run (or
+    one whose length was changed on resume) needs no scheduler state but the step.
+    """
+    t = min(step, total_steps) / max(1, total_steps)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
@@ -377,13 +391,21 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False) -> 
 
     # Everything that can fail on bad input is checked before anything is written.
     ckpt = None
+    saved_info: dict[str, Any] = {}
     if resume:
-        if not (run_dir / "config.json").is_file():
-            raise RunError(f"{run_dir} is not a training run folder (no config.json) to resume")
+        try:
+            saved_info = json.loads((run_dir / "config.json").read_text())
+        except (OSError, ValueError) as err:
+            raise RunError(f"{run_dir} is not a training run folder to resume ({err})") from err
         if (run_dir / "last.pt").is_file():
             ckpt = load_checkpoint(run_dir / "last.pt")
-            if ckpt["epoch"] >= cfg.epochs:
-                logger.info("run %s is already complete (%d epochs)", run_dir, ckpt["epoch"])
+            done = int(ckpt["epoch"])
+            if cfg.epochs != saved_info["config"]["epochs"] and cfg.epochs <= done:
+                raise ConfigError(
+                    f"{run_dir} has completed {done} epochs: a new --epochs must be larger"
+                )
+            if done >= cfg.epochs:
+                logger.info("run %s is already complete (%d epochs)", run_dir, done)
                 return run_dir
     else:
         _check_new_run_dir(run_dir)
@@ -428,6 +450,27 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False) -> 
         raise ConfigError(str(err)) from err
 
     ctx.barrier()  # every rank checked the folder before rank 0 creates it
+    if ctx.main and resume and cfg.epochs != saved_info["config"]["epochs"]:
+        # A changed length re-times the rest of the run: act_learn follows the new curve
+        # (reaching 1 for the final hold_fraction of the new length) and the learning
+        # rate the cosine over the new number of steps. Recorded, never silent.
+        done = int(ckpt["epoch"]) if ckpt is not None else 0
+        logger.warning(
+            "run length changed from %d to %d epochs after epoch %d: act_learn and the "
+            "learning rate follow the new schedule from here",
+            saved_info["config"]["epochs"],
+            cfg.epochs,
+            done,
+        )
+        saved_info.setdefault("schedule_changes", []).append(
+            {
+                "after_epoch": done,
+                "epochs_from": saved_info["config"]["epochs"],
+                "epochs_to": cfg.epochs,
+            }
+        )
+        saved_info["config"]["epochs"] = cfg.epochs
+        atomic_write_text(run_dir / "config.json", json.dumps(saved_info, indent=2) + "\n")
     if ctx.main and not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
         info = {
@@ -470,15 +513,12 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False) -> 
 
     criterion = BCEDiceLoss(cfg.bce_weight)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=cfg.epochs * steps, eta_min=cfg.min_lr
-    )
+    total_steps = cfg.epochs * steps
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_epoch, best_dice, best_epoch, history = 0, -1.0, -1, []
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         _set_rng_state(ckpt["rng"])
         start_epoch = int(ckpt["epoch"])
@@ -490,7 +530,9 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False) -> 
 
     show = cfg.progress and ctx.main
     for epoch in range(start_epoch, cfg.epochs):
-        act_learn = act_learn_at(epoch, cfg.epochs, cfg.hold_fraction)
+        # Never lower act_learn: a run lengthened on resume after reaching 1 stays fusible.
+        floor = float(history[-1]["act_learn"]) if history else 0.0
+        act_learn = max(act_learn_at(epoch, cfg.epochs, cfg.hold_fraction), floor)
         model.set_act_learn(act_learn)
         train_ds.set_epoch(epoch)
         sampler.set_epoch(epoch)
@@ -517,11 +559,13 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False) -> 
                     "training diverged (try a lower --lr, or --precision fp32); the last "
                     "good checkpoint is untouched"
                 )
+            lr = cosine_lr(epoch * steps + step, total_steps, cfg.lr, cfg.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            scheduler.step()
             with torch.no_grad():
                 dice = segmentation_metrics(logits.detach().float() > 0, y > 0.5)["dice"]
             loss_sum += loss.item() * len(x)
@@ -544,7 +588,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False) -> 
         row = {
             "epoch": epoch + 1,
             "act_learn": round(act_learn, 6),
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": cosine_lr((epoch + 1) * steps, total_steps, cfg.lr, cfg.min_lr),
             "train_loss": loss_sum / seen_all,
             "train_dice": dice_sum / seen_all,
             "val_loss": vs[0] / vs[3],
@@ -564,7 +608,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False) -> 
                 "model": model.state_dict(),
                 "model_config": model.config,
                 "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
+                "scheduler": {"last_epoch": (epoch + 1) * steps, "total_steps": total_steps},
                 "scaler": scaler.state_dict(),
                 "rng": _rng_state(),
                 "epoch": epoch + 1,
@@ -626,7 +670,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", metavar="DIR", help="dataset folder (images/, masks/, splits.json)")
     p.add_argument("--out", metavar="RUN_DIR", help="new run folder (must not exist or be empty)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last checkpoint")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue this run from its last checkpoint (with its saved recipe; --epochs "
+        "may change the run's length)",
+    )
     g = p.add_argument_group("recipe (fixed for a run; a resumed run keeps its own)")
     g.add_argument("--epochs", type=int, help=f"epochs (default {d.epochs})")
     g.add_argument(
@@ -694,11 +743,12 @@ def _config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Path, bool
     resume = given.pop("resume", None)
     if resume is not None:
         run_dir = Path(resume)
-        recipe = sorted(k for k in given if k not in RUNTIME_FIELDS)
+        recipe = sorted(k for k in given if k not in (*RUNTIME_FIELDS, "epochs"))
         if recipe:
             flags = ", ".join("--" + k.replace("_", "-") for k in recipe)
             raise ConfigError(
-                f"--resume continues {run_dir} with its saved config; do not pass {flags}"
+                f"--resume continues {run_dir} with its saved config (only --epochs and "
+                f"runtime options may change); do not pass {flags}"
             )
         path = run_dir / "config.json"
         try:
