@@ -28,8 +28,11 @@ HERE = Path(__file__).resolve().parent
 
 
 def _random_weights(folder: Path) -> Path:
+    import torch
+
     from napari_lvunet.model import LVUNet
 
+    torch.manual_seed(0)  # the same untrained network, hence the same picture, every run
     model = LVUNet(act_num=1)
     model.set_act_learn(1.0)
     return weights.save_weights(
@@ -56,9 +59,8 @@ def main(argv: list[str] | None = None) -> None:
         viewer = napari.Viewer(title="napari-lvunet")
         viewer.window.resize(*args.size)
         viewer.open_sample("napari-lvunet", args.sample)
-        _dock, widget = viewer.window.add_plugin_dock_widget(
-            "napari-lvunet", "LV-UNet segmentation"
-        )
+        dock, widget = viewer.window.add_plugin_dock_widget("napari-lvunet", "LV-UNet segmentation")
+        dock.setMaximumWidth(440)  # leave the canvas most of the window
         if args.random_weights:
             widget.add_weights_file(_random_weights(Path(tmp)))
         elif args.weights is not None:
@@ -79,7 +81,13 @@ def main(argv: list[str] | None = None) -> None:
             if time.monotonic() > deadline:
                 raise SystemExit("segmentation did not finish within 5 minutes")
             time.sleep(0.02)
+        # Toasts about this machine's setup (napari's PyQt5 deprecation notice) would
+        # cover the canvas: close them, found by class name through public Qt calls.
+        for toast in QApplication.allWidgets():
+            if type(toast).__name__ == "NapariQtNotification":
+                toast.close()
         viewer.layers.selection.active = viewer.layers[-1]
+        viewer.reset_view()
         for _ in range(20):  # let the canvas and the dock settle before grabbing
             QApplication.processEvents()
             time.sleep(0.05)

@@ -576,6 +576,7 @@ class LVUNetWidget(Container):
             target.refresh()
         if result.probabilities is not None:
             self._show_probabilities(image, request, result.probabilities)
+        self.progress.value = self.progress.max
         self.status.value = f"done: {target.name}"
         self.corrected.reset_choices()
         self.corrected.value = target
