@@ -676,7 +676,7 @@ def _parser() -> argparse.ArgumentParser:
         help="continue this run from its last checkpoint (with its saved recipe; --epochs "
         "may change the run's length)",
     )
-    g = p.add_argument_group("recipe (fixed for a run; a resumed run keeps its own)")
+    g = p.add_argument_group("recipe (fixed for a run; on --resume only --epochs may change)")
     g.add_argument("--epochs", type=int, help=f"epochs (default {d.epochs})")
     g.add_argument(
         "--batch-size", type=int, help=f"images per step and process (default {d.batch_size})"
