@@ -376,6 +376,11 @@ class LVUNetWidget(Container):
             raise ValueError("No image layer: open an image (File > Open, or a sample) first.")
         if self.model.value is None:
             raise ValueError("No model selected.")
+        if image.multiscale:
+            raise ValueError(
+                f"{image.name!r} is a multiscale (pyramid) image: open its full-resolution "
+                "level as a plain image layer to segment it"
+            )
         axes = layer_axes(image.ndim, bool(image.rgb))
         if image.rgb and image.data.shape[-1] not in (3, 4):
             raise ValueError(f"unsupported colour image with {image.data.shape[-1]} channels")

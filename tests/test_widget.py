@@ -410,6 +410,20 @@ def test_finetune_from_widget_selects_new_weights(viewer_widget, qtbot, notes, t
     )
 
 
+@pytest.mark.gui
+def test_finetune_cancel_writes_nothing(viewer_widget, qtbot, notes, tmp_path) -> None:
+    _viewer, widget = viewer_widget
+    folder = _tiny_folder(tmp_path / "corrections")
+    widget.data_dir.value = folder
+    before = widget.model.choices
+    widget.finetune()
+    widget.cancel()
+    _wait_idle(qtbot, widget, timeout=120_000)
+    assert widget.status.value == "cancelled"
+    assert any("cancelled" in m for m in notes.messages("info"))
+    assert widget.model.choices == before and not (folder / "finetuned").exists()
+
+
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         pass
@@ -518,6 +532,11 @@ def test_error_paths_are_notifications(viewer_widget, qtbot, notes, tmp_path, mo
 
     widget.finetune()  # no dataset folder chosen
     assert "dataset folder" in notes.messages("error")[-1]
-    assert len(notes.messages("error")) == 7
+
+    pyramid = [np.zeros((256, 256), np.uint8), np.zeros((128, 128), np.uint8)]
+    widget.image.value = viewer.add_image(pyramid, name="pyramid", multiscale=True)
+    widget.segment()
+    assert "multiscale" in notes.messages("error")[-1]
+    assert len(notes.messages("error")) == 8
     assert widget.segment_button.enabled and not widget.cancel_button.enabled
     assert "fine labels" not in viewer.layers
