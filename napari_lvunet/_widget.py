@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 
 _DEVICES = ("auto", "cpu", "cuda", "mps")
 
-
+_MAX_SEGMENTERS = 4
 _SEGMENTERS: dict[tuple[str, str], Segmenter] = {}
 _SEGMENTERS_LOCK = threading.Lock()
 
@@ -76,11 +76,17 @@ class _DownloadProgress:
         self.total = 0
         self.n = 0
         self._signals = signals
+        self._shown = -1
         signals.message.emit(f"downloading {name}...")
 
     def update(self, n: int) -> None:
         self.n += int(n)
-        self._signals.changed.emit(min(self.n, self.total or self.n), self.total or self.n)
+        total = self.total or self.n
+        # pooch reports every 1 kB chunk: forward whole percents only, not a signal flood.
+        percent = 100 * min(self.n, total) // max(total, 1)
+        if percent != self._shown:
+            self._shown = percent
+            self._signals.changed.emit(percent, 100)
 
     def reset(self) -> None:
         self.n = 0
@@ -94,7 +100,7 @@ class _Request:
     """One segmentation job, gathered in the GUI thread before the worker starts."""
 
     image: Image
-    data: np.ndarray
+    data: Any  # numpy or any array-like napari holds (dask, zarr)
     axes: str
     index: SliceIndex | None  # the slice segmented, or None for the whole layer
     model_key: str
@@ -363,8 +369,10 @@ class LVUNetWidget(Container):
         with _SEGMENTERS_LOCK:
             if cache_key not in _SEGMENTERS:
                 self._progress.message.emit(
-                    f"preparing {loaded.name} (first use: exporting it for ONNX Runtime)..."
+                    f"preparing {loaded.name} for {device} (the first time takes a while)..."
                 )
+                while len(_SEGMENTERS) >= _MAX_SEGMENTERS:  # each holds a model and a session
+                    del _SEGMENTERS[next(iter(_SEGMENTERS))]
                 _SEGMENTERS[cache_key] = Segmenter(loaded, device=device)
             return _SEGMENTERS[cache_key]
 
@@ -391,7 +399,8 @@ class LVUNetWidget(Container):
             index = self._displayed_index(image)
         else:
             index = None
-        data = np.asarray(image.data if index is None else image.data[index])
+        # Not read here: a lazy (dask) stack is read frame by frame in the worker.
+        data = image.data if index is None else image.data[index]
         return _Request(
             image=image,
             data=data,
@@ -485,17 +494,17 @@ class LVUNetWidget(Container):
     @_if_alive
     def _on_message(self, text: str) -> None:
         self.status.value = text
-        if text == "download complete":
-            self.model.reset_choices()  # the entry now shows as cached
 
     @_if_alive
     def _on_finished(self) -> None:
         self._worker = None
+        self.model.reset_choices()  # a model downloaded by the job now shows as cached
         self.segment_button.enabled = self.finetune_button.enabled = True
         self.cancel_button.enabled = False
 
     @_if_alive
     def _on_error(self, err: BaseException) -> None:
+        # By name for training's FinetuneCancelled: training is imported only on demand.
         if isinstance(err, SegmentationCancelled) or type(err).__name__.endswith("Cancelled"):
             self.status.value = "cancelled"
             show_info("LV-UNet: cancelled.")
