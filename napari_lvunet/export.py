@@ -23,8 +23,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .model import SIZE_DIVISOR, LVUNet, reparameterize_model
+from .preprocess import normalize
 
 __all__ = ["INPUT_NAME", "MIN_OPSET", "OUTPUT_NAME", "export_onnx", "fused_cpu_copy"]
 
@@ -67,6 +69,17 @@ def fused_cpu_copy(model: LVUNet) -> LVUNet:
     return fused.to(device="cpu", dtype=torch.float32).eval()
 
 
+class _WithNormalization(nn.Module):
+    """The network behind the shared ImageNet normalisation, as one graph."""
+
+    def __init__(self, model: LVUNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(normalize(x))
+
+
 def export_onnx(
     model: LVUNet,
     path: str | os.PathLike[str],
@@ -74,12 +87,14 @@ def export_onnx(
     opset: int = 18,
     metadata: Mapping[str, str] | None = None,
     verify: bool = True,
+    include_normalization: bool = False,
 ) -> Path:
     """Export the fused form of ``model`` to an ONNX file.
 
     The graph takes ``image``: ``(batch, 3, height, width)`` float32, ImageNet-normalised
-    (:func:`napari_lvunet.preprocess.normalize`), height and width multiples of 128, all
-    three dynamic; it returns ``logits``: ``(batch, num_classes, height, width)``. The
+    (:func:`napari_lvunet.preprocess.normalize`) or, with ``include_normalization``, RGB
+    in [0, 1] that the graph normalises itself; height and width multiples of 128, all
+    three dynamic. It returns ``logits``: ``(batch, num_classes, height, width)``. The
     weights are stored inside the one file (no external-data side file). The file is
     written to a temporary name and moved into place, so a reader never sees half a file
     and an existing file is only replaced by a complete, verified one.
@@ -94,6 +109,10 @@ def export_onnx(
             always stored.
         verify: Run the exported graph in ONNX Runtime on a random batch and compare it
             with PyTorch (atol 1e-4) before moving it into place; a mismatch raises.
+        include_normalization: Trace :func:`~napari_lvunet.preprocess.normalize` into
+            the graph (the inference engine's form: ONNX Runtime then needs no PyTorch op
+            per image). The metadata key ``input`` records which form a file holds:
+            ``"normalized"`` or ``"unit_rgb"``.
 
     Returns:
         The path written.
@@ -110,7 +129,12 @@ def export_onnx(
     if not path.parent.is_dir():
         raise ValueError(f"cannot export to {path}: folder {path.parent} does not exist")
     fused = fused_cpu_copy(model)
-    props = {"num_classes": str(fused.num_classes), "size_divisor": str(SIZE_DIVISOR)}
+    graph: nn.Module = _WithNormalization(fused).eval() if include_normalization else fused
+    props = {
+        "num_classes": str(fused.num_classes),
+        "size_divisor": str(SIZE_DIVISOR),
+        "input": "unit_rgb" if include_normalization else "normalized",
+    }
     props.update(metadata or {})
 
     batch = torch.export.Dim("batch", min=1, max=4096)
@@ -124,7 +148,7 @@ def export_onnx(
     try:
         with contextlib.redirect_stdout(chatter):
             program = torch.onnx.export(
-                fused,
+                graph,
                 (example,),
                 input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME],
@@ -147,22 +171,22 @@ def export_onnx(
     try:
         program.save(tmp, external_data=False)
         if verify:
-            _verify(fused, tmp)
+            _verify(graph, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
 
 
-def _verify(fused: LVUNet, onnx_path: Path) -> None:
+def _verify(graph: nn.Module, onnx_path: Path) -> None:
     """Compare the exported graph with PyTorch on a random batch of an unseen size."""
     import numpy as np
     import onnxruntime as ort
 
     # Not the tracing example's size: proves height, width and batch are really dynamic.
-    x = torch.randn(3, 3, SIZE_DIVISOR, 3 * SIZE_DIVISOR)
+    x = torch.rand(3, 3, SIZE_DIVISOR, 3 * SIZE_DIVISOR)
     with torch.inference_mode():
-        expected = fused(x).numpy()
+        expected = graph(x).numpy()
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
     if got.shape != expected.shape or not np.allclose(got, expected, atol=1e-4, rtol=1e-4):

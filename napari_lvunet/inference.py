@@ -8,6 +8,8 @@ Pipeline for every 2D frame (a stack is cut into frames, batched across frames):
 
     frame -> preprocess.to_unit_rgb (RGB in [0, 1]) -> resize to the training size,
     or cut into overlapping tiles -> preprocess.normalize -> network (logits)
+    (in the ONNX Runtime graph, the same normalize function is traced in front of the
+    network, so that a CPU run needs no PyTorch op per image)
     -> sigmoid / softmax -> resize back, or blend the tiles -> threshold / argmax
     -> labels (optionally connected components)
 
@@ -27,6 +29,7 @@ Outputs keep the image's non-channel axes in the image's order.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
@@ -68,7 +71,7 @@ _CHANNEL_SIZES = (1, 3, 4)  # grayscale, RGB, RGBA
 _BACKENDS = ("auto", "onnxruntime", "torch")
 # Bumped whenever export_onnx changes the graph it writes, so that stale cached files
 # are never reused.
-_ONNX_CACHE_VERSION = 1
+_ONNX_CACHE_VERSION = 2
 
 
 class SegmentationCancelled(Exception):  # noqa: N818 - the name others code against
@@ -270,32 +273,39 @@ class _TorchRunner:
         self.bf16 = bf16
         self.model = model.to(device).to(memory_format=torch.channels_last).eval()
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        x = batch.to(self.device).contiguous(memory_format=torch.channels_last)
-        device_type = self.device.split(":")[0]
-        with (
-            torch.inference_mode(),
-            torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16),
-        ):
-            return self.model(x).float().cpu()
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """Logits ``(N, C, H, W)`` for RGB in [0, 1] ``(N, 3, H, W)``."""
+        x = normalize(torch.from_numpy(batch)).to(self.device)
+        x = x.contiguous(memory_format=torch.channels_last)
+        # Autocast only when asked: not every torch build has it for every device type.
+        precision = (
+            torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16)
+            if self.bf16
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), precision:
+            return self.model(x).float().cpu().numpy()
 
 
 class _OrtRunner:
-    """Runs the fused model's ONNX export with ONNX Runtime on the CPU."""
+    """Runs the fused model's ONNX export (normalisation included) with ONNX Runtime."""
 
     def __init__(self, onnx_path: Path) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle ONNX Runtime threads otherwise spin on the cores for a while after every
+        # run, and starve whatever runs next: PyTorch's threads, another session, napari.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             str(onnx_path), options, providers=["CPUExecutionProvider"]
         )
         self.path = onnx_path
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        x = np.ascontiguousarray(batch.numpy(), dtype=np.float32)
-        return torch.from_numpy(self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0])
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """Logits ``(N, C, H, W)`` for RGB in [0, 1] ``(N, 3, H, W)``."""
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
 
 
 # --------------------------------------------------------------------------- tiling
@@ -543,7 +553,7 @@ class Segmenter:
                     return runner
         for folder in folders:
             if _writable_dir(folder):
-                path = export_onnx(self._model, folder / name)
+                path = export_onnx(self._model, folder / name, include_normalization=True)
                 runner = _OrtRunner(path)
                 self.onnx_path = path
                 return runner
@@ -561,8 +571,8 @@ class Segmenter:
             self._runner = _TorchRunner(self._model, "cpu", self.bf16 and _bf16_supported("cpu"))
         self.backend = "onnxruntime" if isinstance(self._runner, _OrtRunner) else "torch"
 
-    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
-        """Logits for a normalised batch; a GPU out of memory moves everything to the CPU."""
+    def _logits(self, batch: np.ndarray) -> np.ndarray:
+        """Logits for a batch in [0, 1]; a GPU out of memory moves everything to the CPU."""
         try:
             return self._runner(batch)
         except torch.OutOfMemoryError:
@@ -671,8 +681,7 @@ class Segmenter:
         for batch in _batched(geometry.items(frames), int(batch_size)):
             if cancel is not None and cancel.is_set():
                 raise SegmentationCancelled("segmentation cancelled")
-            x = normalize(torch.from_numpy(np.stack([item.pixels for item in batch])))
-            logits = self._logits(x)
+            logits = self._logits(np.stack([item.pixels for item in batch]))
             for item, item_logits in zip(batch, logits, strict=True):
                 finished = geometry.accumulate(item, item_logits, c)
                 if finished is not None:
@@ -731,13 +740,16 @@ class _ResizeGeometry:
             yield _Item(frame, _resize(pixels, self.size)[0].numpy())
 
     def accumulate(
-        self, item: _Item, logits: torch.Tensor, num_classes: int
+        self, item: _Item, logits: np.ndarray, num_classes: int
     ) -> tuple[_Frame, np.ndarray]:
         frame = item.frame
         # Resized back as logits (smooth, unbounded), then squashed: bilinear on
         # probabilities would blur the decision boundary's position.
         full = F.interpolate(
-            logits[None], size=(frame.height, frame.width), mode="bilinear", align_corners=False
+            torch.from_numpy(logits)[None],
+            size=(frame.height, frame.width),
+            mode="bilinear",
+            align_corners=False,
         )[0]
         return frame, _activate(full.numpy(), num_classes)
 
@@ -785,12 +797,12 @@ class _TileGeometry:
             frame.raw = None
 
     def accumulate(
-        self, item: _Item, logits: torch.Tensor, num_classes: int
+        self, item: _Item, logits: np.ndarray, num_classes: int
     ) -> tuple[_Frame, np.ndarray] | None:
         frame = item.frame
         h = min(self.tile_h, self.height - item.y)
         w = min(self.tile_w, self.width - item.x)
-        p = _activate(logits[:, :h, :w].numpy(), num_classes)
+        p = _activate(logits[:, :h, :w], num_classes)
         if self.items_per_frame == 1:
             return frame, p
         if frame.probs is None:

@@ -55,7 +55,12 @@ def test_export_is_one_checked_file_with_dynamic_shapes(exported: Path) -> None:
     assert all(d.dim_param for d in (dims[0], dims[2], dims[3])), "batch, H, W must be dynamic"
     assert [o.name for o in proto.graph.output] == [OUTPUT_NAME]
     props = {p.key: p.value for p in proto.metadata_props}
-    assert props == {"num_classes": "3", "size_divisor": "128", "weights": "test"}
+    assert props == {
+        "num_classes": "3",
+        "size_divisor": "128",
+        "input": "normalized",
+        "weights": "test",
+    }
     no_bn = [n.op_type for n in proto.graph.node if n.op_type == "BatchNormalization"]
     assert no_bn == [], "the exported graph must be the fused model"
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -122,6 +123,9 @@ def test_default_cpu_backend_is_onnxruntime_cached_by_hash(
     assert (ort_seg.device, ort_seg.backend) == ("cpu", "onnxruntime")
     assert ort_seg.onnx_path is not None and ort_seg.onnx_path.parent == onnx_cache
     assert state_dict_sha256(ort_seg._model)[:16] in ort_seg.onnx_path.name
+    # The engine's graph normalises itself: ONNX Runtime gets RGB in [0, 1].
+    props = {p.key: p.value for p in onnx.load(ort_seg.onnx_path).metadata_props}
+    assert props["input"] == "unit_rgb"
     # A second segmenter for the same weights reuses the file: no export.
     mtime = ort_seg.onnx_path.stat().st_mtime_ns
 
@@ -171,7 +175,8 @@ def test_corrupt_cached_onnx_is_exported_again(
     cached.write_bytes(b"not an onnx file")
     calls: list[Path] = []
 
-    def export_copy(fused: LVUNet, path: Path) -> Path:
+    def export_copy(fused: LVUNet, path: Path, **kwargs: object) -> Path:
+        assert kwargs == {"include_normalization": True}
         calls.append(path)
         path.write_bytes(good)
         return path
@@ -260,7 +265,7 @@ def test_gpu_out_of_memory_falls_back_to_cpu(model: LVUNet) -> None:
     expected = seg.segment(gray(64, 64))
     real_runner = seg._runner
 
-    def oom(batch: torch.Tensor) -> torch.Tensor:
+    def oom(batch: np.ndarray) -> np.ndarray:
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     seg._runner, seg.device = oom, "cuda"
@@ -476,7 +481,7 @@ def test_tiling_bookkeeping_is_exact_for_a_pointwise_network(model: LVUNet) -> N
     real network's context dependence, which the trained-weights test below covers.
     """
     seg = Segmenter(model, device="cpu", backend="torch")
-    seg._runner = lambda batch: batch.mean(dim=1, keepdim=True) * 3.0
+    seg._runner = lambda batch: batch.mean(axis=1, keepdims=True) * 3.0
     stack = np.stack([gray(333, 517, seed=s) for s in range(2)])
     _, whole = seg.segment(stack, sizing="tiles", tile_size=640, return_probabilities=True)
     for tile, overlap in [(128, 0.0), (128, 0.5), (256, 0.25), (384, 0.1)]:
