@@ -167,9 +167,7 @@ def viewer_widget(make_napari_viewer, weights_file: Path):
 
 
 def _wait_idle(qtbot, widget, timeout: int = 60_000) -> None:
-    qtbot.waitUntil(
-        lambda: widget._worker is None and widget._preview_worker is None, timeout=timeout
-    )
+    qtbot.waitUntil(lambda: not widget.busy, timeout=timeout)
 
 
 def _labels_layers(viewer) -> list:
@@ -182,7 +180,8 @@ def _reference(weights_file: Path, data: np.ndarray, axes: str, **kw) -> np.ndar
     from napari_lvunet.inference import Segmenter
     from napari_lvunet.weights import load_model
 
-    return Segmenter(load_model(weights_file).model, device="cpu").segment(data, axes=axes, **kw)
+    # The loaded file, not the bare network: its ONNX export beside the file is reused.
+    return Segmenter(load_model(weights_file), device="cpu").segment(data, axes=axes, **kw)
 
 
 @pytest.mark.gui
