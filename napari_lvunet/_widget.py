@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ from ._annotations import (
     safe_stem,
     save_for_training,
 )
-from .inference import SegmentationCancelled, Segmenter
+from .inference import SegmentationCancelled, Segmenter, resolve_device
 
 if TYPE_CHECKING:
     import napari
@@ -253,6 +254,9 @@ class LVUNetWidget(Container):
             ]
         )
 
+        if weights_mod.DEFAULT_MODEL in self.model.choices:
+            self.model.value = weights_mod.DEFAULT_MODEL
+
         self.segment_button.changed.connect(self.segment)
         self.cancel_button.changed.connect(self.cancel)
         self.load_file.changed.connect(self._ask_weights_file)
@@ -260,6 +264,8 @@ class LVUNetWidget(Container):
         self.finetune_button.changed.connect(self.finetune)
         self.live.changed.connect(self._on_live_toggled)
         self.image.changed.connect(self._on_image_changed)
+        self.device.changed.connect(self._on_device_changed)
+        self._on_device_changed(self.device.value)
         self.model.changed.connect(self._update_command)
         self.data_dir.changed.connect(self._update_command)
         # The pickers follow the layer list whether or not napari docks this widget.
@@ -521,12 +527,16 @@ class LVUNetWidget(Container):
             logger.error("LV-UNet job failed", exc_info=err)
             show_error(f"LV-UNet failed: {type(err).__name__}: {err}")
 
-    def _show_device(self, request: _Request, result: _Result) -> None:
-        text = f"{result.device} ({result.backend})"
-        fell_back = request.device not in ("auto", "cpu") and result.device == "cpu"
-        if fell_back and self.device_in_use.value != text:
-            show_warning(f"LV-UNet: {request.device} is not available here; running on the CPU.")
-        self.device_in_use.value = text
+    def _on_device_changed(self, device: str) -> None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            resolved = resolve_device(device)  # warns when an asked-for GPU is missing
+        self.device_in_use.value = f"{resolved} (from the next run)"
+        for warning in caught:
+            show_warning(f"LV-UNet: {warning.message}")
+
+    def _show_device(self, result: _Result) -> None:
+        self.device_in_use.value = f"{result.device} ({result.backend})"
 
     def _result_layer(self, image: Image) -> Labels | None:
         """The most recent result Labels layer made from ``image`` that is still open."""
@@ -571,7 +581,7 @@ class LVUNetWidget(Container):
         if image not in self.viewer.layers:
             show_warning(f"LV-UNet: layer {image.name!r} was closed before its result arrived.")
             return
-        self._show_device(request, result)
+        self._show_device(result)
         target = self._result_layer(image) if request.overwrite else None
         labels = result.labels
         if target is None or target.data.shape != (
@@ -673,7 +683,7 @@ class LVUNetWidget(Container):
         image = request.image
         if image not in self.viewer.layers:
             return
-        self._show_device(request, result)
+        self._show_device(result)
         target = self._result_layer(image)
         if target is None:
             target = self._new_labels(image, result.labels.dtype)

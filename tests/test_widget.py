@@ -198,6 +198,7 @@ def test_widget_lists_image_layers_only_and_follows_the_layer_list(viewer_widget
     assert widget.image.value is second
     assert [c for c in widget.model.choices if c.endswith("random.safetensors")]
     assert widget.device.choices == ("auto", "cpu", "cuda", "mps")
+    assert widget.device_in_use.value == "cpu (from the next run)"
 
 
 @pytest.mark.gui
@@ -528,6 +529,13 @@ def test_error_paths_are_notifications(viewer_widget, qtbot, notes, tmp_path, mo
     widget.segment()
     _wait_idle(qtbot, widget)
     assert "ran out of memory" in notes.messages("error")[-1]
+
+    import torch
+
+    if not torch.cuda.is_available():  # a GPU asked for but missing: said at once
+        widget.device.value = "cuda"
+        assert "no CUDA GPU" in notes.messages("warning")[-1]
+        assert widget.device_in_use.value == "cpu (from the next run)"
 
     widget.finetune()  # no dataset folder chosen
     assert "dataset folder" in notes.messages("error")[-1]
