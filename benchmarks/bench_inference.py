@@ -155,10 +155,15 @@ def _torch_runner(model: torch.nn.Module, bf16: bool, channels_last: bool) -> An
 def _build(case: dict[str, Any]) -> tuple[Any, Any]:
     """``(run, warm)``: run the case once; a cheaper call that warms the same code up."""
     kind, size, cache = case["kind"], case["size"], Path(case["onnx_cache"])
+    threads = case.get("threads")
+    if threads:
+        torch.set_num_threads(threads)
     if kind in MODEL_CASES:
         x = torch.randn(1, 3, size, size)
         if kind == "fused_ort":
-            seg = Segmenter(_our_model(fused=True), device="cpu", cache_dir=cache)
+            seg = Segmenter(
+                _our_model(fused=True), device="cpu", cache_dir=cache, num_threads=threads
+            )
             if seg.backend != "onnxruntime":
                 raise RuntimeError(f"expected ONNX Runtime, got {seg.backend}")
             session, unit = seg._runner, torch.rand(1, 3, size, size).numpy()
@@ -171,7 +176,7 @@ def _build(case: dict[str, Any]) -> tuple[Any, Any]:
             model = _our_model(fused=kind != "unfused")
             runner = _torch_runner(model, bf16=kind == "fused_bf16", channels_last=True)
         return (lambda: runner(x)), (lambda: runner(x))
-    seg = Segmenter(_our_model(fused=True), device="cpu", cache_dir=cache)
+    seg = Segmenter(_our_model(fused=True), device="cpu", cache_dir=cache, num_threads=threads)
     rng = np.random.default_rng(0)
     sizing = "resize" if kind == "e2e_resize" or case.get("sizing") == "resize" else "tiles"
     shape = {"stack": (100, 512, 512, 3), "huge": (8000, 8000, 3)}.get(kind, (size, size, 3))
@@ -245,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
     parser.add_argument("--no-huge", action="store_true", help="skip the 8000 x 8000 image")
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for PyTorch and ONNX Runtime (default: their own defaults)",
+    )
     parser.add_argument("--latency", help=argparse.SUPPRESS)
     parser.add_argument("--memory", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -262,7 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lvunet-bench-") as cache:
         # Export once here, so that no measured process pays for it.
         Segmenter(_our_model(fused=True), device="cpu", cache_dir=cache)
-        base = {"onnx_cache": cache, "authors_repo": str(args.authors_repo)}
+        base = {
+            "onnx_cache": cache,
+            "authors_repo": str(args.authors_repo),
+            "threads": args.threads,
+        }
         kinds = [k for k in MODEL_CASES if k != "authors_deploy" or args.authors_repo]
         if not _bf16_supported("cpu"):
             kinds.remove("fused_bf16")
@@ -282,9 +296,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_huge:
             huge = _spawn("memory", {**base, "kind": "huge", "size": 8000, "sizing": "tiles"})
 
+    threads = args.threads or f"default ({torch.get_num_threads()} for PyTorch)"
     print(
         f"\nLV-UNet CPU inference, {os.cpu_count()} CPUs ({_cpu_name()}), torch "
-        f"{torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {_ort_version()}; "
+        f"{torch.__version__}, onnxruntime {_ort_version()}, threads: {threads}; "
         f"load average before {load_before}, after {_load()}"
     )
     print("batch 1; ms: median latency per image; MB: peak memory growth during one run\n")

@@ -290,10 +290,12 @@ class _TorchRunner:
 class _OrtRunner:
     """Runs the fused model's ONNX export (normalisation included) with ONNX Runtime."""
 
-    def __init__(self, onnx_path: Path) -> None:
+    def __init__(self, onnx_path: Path, num_threads: int | None = None) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
+        if num_threads is not None:
+            options.intra_op_num_threads = num_threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Idle ONNX Runtime threads otherwise spin on the cores for a while after every
         # run, and starve whatever runs next: PyTorch's threads, another session, napari.
@@ -412,6 +414,9 @@ class Segmenter:
             supported it warns and runs in float32.
         cache_dir: Folder for the ONNX export when the weights' own folder is not
             writable, or the model has no file. Default: ``<weights cache>/onnx``.
+        num_threads: CPU threads ONNX Runtime may use (default: one per physical core);
+            e.g. leave one core to napari. PyTorch uses its process-wide setting
+            (``torch.set_num_threads``).
 
     Attributes:
         device: The device actually used (``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``).
@@ -436,9 +441,13 @@ class Segmenter:
         backend: Backend = "auto",
         bf16: bool = False,
         cache_dir: str | os.PathLike[str] | None = None,
+        num_threads: int | None = None,
     ) -> None:
         if backend not in _BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: use one of {_BACKENDS}")
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        self._num_threads = num_threads
         weights_path: Path | None = None
         metadata: dict[str, Any] = {}
         if not isinstance(model, LVUNet):
@@ -545,7 +554,7 @@ class Segmenter:
             path = folder / name
             if path.is_file():
                 try:
-                    runner = _OrtRunner(path)
+                    runner = _OrtRunner(path, self._num_threads)
                 except Exception as err:
                     logger.warning("cached ONNX file %s is unusable (%s); re-exporting", path, err)
                 else:
@@ -554,7 +563,7 @@ class Segmenter:
         for folder in folders:
             if _writable_dir(folder):
                 path = export_onnx(self._model, folder / name, include_normalization=True)
-                runner = _OrtRunner(path)
+                runner = _OrtRunner(path, self._num_threads)
                 self.onnx_path = path
                 return runner
         raise OSError(f"no writable folder for the ONNX export among {[str(f) for f in folders]}")

@@ -138,6 +138,15 @@ def test_default_cpu_backend_is_onnxruntime_cached_by_hash(
     assert again.onnx_path.stat().st_mtime_ns == mtime
 
 
+def test_num_threads(model: LVUNet, ort_seg: Segmenter, onnx_cache: Path) -> None:
+    seg = Segmenter(model, device="cpu", cache_dir=onnx_cache, num_threads=1)
+    assert seg._runner.session.get_session_options().intra_op_num_threads == 1
+    image = disk_image(128, 128, seed=8)
+    np.testing.assert_array_equal(seg.segment(image), ort_seg.segment(image))
+    with pytest.raises(ValueError, match="num_threads must be >= 1"):
+        Segmenter(model, device="cpu", num_threads=0)
+
+
 def test_onnx_cached_beside_loaded_weights(
     model: LVUNet, ort_seg: Segmenter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
