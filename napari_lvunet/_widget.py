@@ -288,6 +288,7 @@ class LVUNetWidget(Container):
             (events.inserted, self._on_layers_changed),
             (events.removed, self._on_layers_changed),
             (events.reordered, self._on_layers_changed),
+            (events, self._on_layer_event),  # the list re-emits its layers' own events
             (self.viewer.dims.events.current_step, self._on_step),
         ]
 
@@ -322,6 +323,11 @@ class LVUNetWidget(Container):
         self.corrected.reset_choices()
         if self.image.value is None and self.image.choices:
             self.image.value = self.image.choices[0]
+
+    @_if_alive
+    def _on_layer_event(self, event: Any) -> None:
+        if event.type == "name":  # a renamed layer: show its new name in the pickers
+            self._on_layers_changed()
 
     def _on_image_changed(self, _value: Any = None) -> None:
         if self.live.value:

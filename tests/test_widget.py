@@ -193,8 +193,15 @@ def test_widget_lists_image_layers_only_and_follows_the_layer_list(viewer_widget
     second = viewer.add_image(np.zeros((64, 64, 3), np.uint8), name="b", rgb=True)
     assert widget.image.choices == (first, second)
     assert widget.image.value is first
+    # napari refreshes docked pickers itself; the widget must also work undocked.
+    from napari_lvunet._widget import LVUNetWidget
+
+    undocked = LVUNetWidget(viewer)
+    second.name = "renamed"
+    undocked.image.value = second
+    assert undocked.image.current_choice == "renamed"
     viewer.layers.remove(first)
-    assert widget.image.choices == (second,)
+    assert widget.image.choices == undocked.image.choices == (second,)
     assert widget.image.value is second
     assert [c for c in widget.model.choices if c.endswith("random.safetensors")]
     assert widget.device.choices == ("auto", "cpu", "cuda", "mps")
