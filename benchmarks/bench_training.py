@@ -134,7 +134,13 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=4, help="timed steps per round (default 4)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=256)
-    p.add_argument("--no-full-loop", action="store_true", help="skip the training.train rows")
+    p.add_argument(
+        "--workers",
+        type=int,
+        nargs="*",
+        default=[0, 1],
+        help="DataLoader workers of the training.train rows (default 0 1; none: skip them)",
+    )
     args = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -159,11 +165,10 @@ def main() -> int:
                 step()
             rates[name].append(args.steps * b / (time.perf_counter() - t0))
     rows = {name: statistics.median(r) for name, r in rates.items()}
-    if not args.no_full_loop:
-        for workers in (0, 1):
-            rows[f"ours, full loop (training.train, workers={workers})"] = _full_loop(
-                b, args.steps, workers
-            )
+    for workers in args.workers:
+        rows[f"ours, full loop (training.train, workers={workers})"] = _full_loop(
+            b, args.steps, workers
+        )
     ref = rows.get("authors' loop, fp32 (their train.py)")
     print(
         f"\nLV-UNet training throughput, {s}x{s}, batch {b}, {torch.get_num_threads()} threads, "
