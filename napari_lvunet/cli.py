@@ -131,17 +131,18 @@ def _mask_for_file(labels: np.ndarray, binary: bool, semantic: bool) -> np.ndarr
 
 
 def _write_atomic(path: Path, write: Any, overwrite: bool) -> None:
-    """Write via a temporary file in the same folder: never half a file, never a
-    silent replacement of an existing one."""
-    if path.exists() and not overwrite:
-        raise CLIError(f"{path} exists; pass --overwrite to replace it")
+    """Write via a temporary file in the same folder, then move it into place: never
+    half a file, and (without ``overwrite``) never over a file that exists, even one
+    created meanwhile."""
+    from .weights import _move_into_place
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
-        if path.exists() and not overwrite:  # appeared while we were writing
-            raise CLIError(f"{path} exists; pass --overwrite to replace it")
-        os.replace(tmp, path)
+        _move_into_place(Path(tmp), path, overwrite)
+    except FileExistsError:
+        raise CLIError(f"{path} exists; pass --overwrite to replace it") from None
     finally:
         Path(tmp).unlink(missing_ok=True)
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import logging
 import math
 import os
@@ -72,6 +71,8 @@ _BACKENDS = ("auto", "onnxruntime", "torch")
 # Bumped whenever export_onnx changes the graph it writes, so that stale cached files
 # are never reused.
 _ONNX_CACHE_VERSION = 2
+# Largest CPU batch, in pixels (see Segmenter.segment's batch_size).
+_CPU_BATCH_PIXELS = 1 << 19
 
 
 class SegmentationCancelled(Exception):  # noqa: N818 - the name others code against
@@ -231,18 +232,17 @@ def _check_image(image: Any) -> Any:
 def state_dict_sha256(model: torch.nn.Module) -> str:
     """Hex SHA-256 over a model's state dict: every tensor's name, dtype, shape and bytes.
 
+    The same digest as a weights file's ``tensors_sha256`` for the same tensors.
+
     Args:
         model: Any module.
 
     Returns:
         The digest; equal for two models exactly when they hold equal tensors.
     """
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    from .weights import _tensors_sha256
+
+    return _tensors_sha256(model.state_dict())
 
 
 def _writable_dir(folder: Path) -> bool:
@@ -628,7 +628,9 @@ class Segmenter:
                 connected components of each class (full connectivity, over Z, Y, X;
                 each time point on its own), numbered 1..N per time point.
             return_probabilities: Also return the probabilities.
-            batch_size: Network inputs (frames or tiles) per forward pass.
+            batch_size: Network inputs (frames or tiles) per forward pass, at most. On
+                the CPU a batch holds at most 2^19 pixels (8 frames at 256 px, 2 tiles
+                at 512 px), since larger batches there only cost memory.
             tile_size: Tile height and width for ``"tiles"``, a multiple of 128.
             overlap: Fraction of a tile shared with its neighbour, in [0, 1).
             progress: Called as ``progress(done, total)`` after every batch, counting
@@ -687,7 +689,12 @@ class Segmenter:
             self._read_frame(image, axes, stack_axes, index, n_frames > 1)
             for index in np.ndindex(*stack_shape)
         )
-        for batch in _batched(geometry.items(frames), int(batch_size)):
+        per_batch = int(batch_size)
+        if self.device == "cpu":
+            # On a CPU, batching large inputs gains nothing and costs memory: 512 px tiles
+            # ran fastest one or two at a time (ONNX Runtime, 2 cores), 256 px frames by 8.
+            per_batch = max(1, min(per_batch, _CPU_BATCH_PIXELS // geometry.input_pixels))
+        for batch in _batched(geometry.items(frames), per_batch):
             if cancel is not None and cancel.is_set():
                 raise SegmentationCancelled("segmentation cancelled")
             logits = self._logits(np.stack([item.pixels for item in batch]))
@@ -740,6 +747,7 @@ class _ResizeGeometry:
 
     def __init__(self, size: tuple[int, int]) -> None:
         self.size = size
+        self.input_pixels = size[0] * size[1]
 
     def items(self, frames: Iterator[_Frame]) -> Iterator[_Item]:
         for frame in frames:
@@ -773,6 +781,7 @@ class _TileGeometry:
         self.ys = _tile_starts(height, tile, stride)
         self.xs = _tile_starts(width, tile, stride)
         self.items_per_frame = len(self.ys) * len(self.xs)
+        self.input_pixels = self.tile_h * self.tile_w
         self.height, self.width = height, width
         self._wy, self._sum_y = self._weights(self.ys, self.tile_h, height, tile - stride)
         self._wx, self._sum_x = self._weights(self.xs, self.tile_w, width, tile - stride)
