@@ -168,6 +168,34 @@ def test_metrics_on_hand_made_predictions() -> None:
     assert m["recall"].tolist() == pytest.approx([1.0, 0.0, 1.0])
 
 
+def test_batchnorm_recalibration_replaces_stale_statistics(dataset: Path) -> None:
+    ds = CachedSegmentationDataset(find_pairs(dataset), (SIZE, SIZE))
+    images = ds.images[:4]
+    model = LVUNet(1)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    batch_means: dict[int, torch.Tensor] = {}
+    hooks = [
+        b.register_forward_hook(
+            lambda mod, inp, out, i=i: batch_means.__setitem__(i, inp[0].mean((0, 2, 3)))
+        )
+        for i, b in enumerate(bns)
+    ]
+    with torch.no_grad():
+        model.train()(normalize(images.float() / 255))
+    for h in hooks:
+        h.remove()
+    for b in bns:  # stale, as after the weights moved on
+        b.running_mean.fill_(3.0)
+        b.running_var.fill_(50.0)
+    model.eval()
+    train_mod.recalibrate_batchnorm(model, images, (SIZE, SIZE), batch_size=4)
+    assert not model.training
+    assert {b.momentum for b in bns} == {0.1, 0.01}
+    for i, b in enumerate(bns):
+        torch.testing.assert_close(b.running_mean, batch_means[i], rtol=1e-4, atol=1e-5)
+        assert float(b.running_var.max()) < 50.0
+
+
 # -------------------------------------------------------------------- train and resume
 
 

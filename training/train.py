@@ -62,7 +62,14 @@ from .checkpoint import (
     atomic_write_text,
     load_checkpoint,
 )
-from .data import Augment, CachedSegmentationDataset, DatasetError, find_pairs, resolve_splits
+from .data import (
+    Augment,
+    CachedSegmentationDataset,
+    DatasetError,
+    find_pairs,
+    resize_image,
+    resolve_splits,
+)
 from .losses import BCEDiceLoss
 from .metrics import segmentation_metrics
 
@@ -74,6 +81,7 @@ __all__ = [
     "autocast_dtype",
     "cosine_lr",
     "main",
+    "recalibrate_batchnorm",
     "select_device",
     "train",
     "validate",
@@ -112,6 +120,7 @@ class TrainConfig:
     seed: int = 0
     imagenet: bool = False
     val_fraction: float = 0.2
+    bn_recalibration: int = 128
     max_steps: int | None = None
     # runtime (see RUNTIME_FIELDS)
     device: str = "auto"
@@ -279,6 +288,64 @@ def validate(
         sums["iou"] += float(m["iou"].sum())
         sums["n"] += len(x)
     return sums
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    size: tuple[int, int],
+    *,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> None:
+    """Re-estimate every BatchNorm's running statistics for the model's current weights.
+
+    The running averages lag behind fast-changing weights: MobileNetV3's BatchNorms
+    average with momentum 0.01, about the last hundred steps, and LV-UNet's series
+    activations normalise tiny variances (eps 1e-6), so stale statistics compound through
+    ~60 BatchNorms until an eval-mode network outputs nothing at all while the same
+    weights segment well in train mode. A pass over ``images`` with a cumulative average
+    (momentum ``None``) gives the statistics the current weights really produce; the
+    momenta are restored afterwards, so training continues as before.
+
+    Args:
+        model: The network (its train/eval mode is restored).
+        images: ``(N, 3, H, W)`` uint8 images, resized to ``size`` un-augmented, as
+            inference sees them; whole batches of ``batch_size`` are used.
+        size: The training (height, width).
+        batch_size: Images per forward pass.
+        device: Where the model is.
+        dtype: Autocast dtype, as in training.
+        channels_last: Feed channels-last inputs.
+    """
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns or len(images) < batch_size:
+        return
+    # Whole batches only: a cumulative average weighs every batch alike.
+    n = len(images) // batch_size * batch_size
+    momenta = [b.momentum for b in bns]
+    was_training = model.training
+    for b in bns:
+        b.reset_running_stats()
+        b.momentum = None
+    model.train()
+    try:
+        for i in range(0, n, batch_size):
+            x = resize_image(images[i : i + batch_size].float().div_(255.0), size)
+            x = normalize(x.clamp_(0.0, 1.0)).to(device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(
+                torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None
+            ):
+                model(x)
+    finally:
+        for b, m in zip(bns, momenta, strict=True):
+            b.momentum = m
+        model.train(was_training)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -576,6 +643,16 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False) -> 
         bar.close()
         train_time = time.perf_counter() - t0
         loss_sum, dice_sum, seen_all = ctx.all_sum([loss_sum, dice_sum, float(seen)], device)
+        if cfg.bn_recalibration:
+            recalibrate_batchnorm(
+                model,
+                train_ds.images[: cfg.bn_recalibration],
+                cfg.size,
+                batch_size=cfg.batch_size,
+                device=device,
+                dtype=dtype,
+                channels_last=cfg.channels_last,
+            )
         v = validate(
             model,
             val_loader,
@@ -713,6 +790,13 @@ def _parser() -> argparse.ArgumentParser:
         "--val-fraction",
         type=float,
         help=f"val share without splits.json (default {d.val_fraction})",
+    )
+    g.add_argument(
+        "--bn-recalibration",
+        type=int,
+        metavar="N",
+        help=f"re-estimate BatchNorm statistics on N train images after each epoch, before "
+        f"validation and checkpointing (default {d.bn_recalibration}; 0: off)",
     )
     g.add_argument("--max-steps", type=int, help="cap on optimiser steps per epoch (quick checks)")
     r = p.add_argument_group("runtime (may change when resuming)")
