@@ -389,6 +389,18 @@ def test_export_fused_weights_reproduce_the_unfused_model(run: Path, tmp_path: P
     assert out.read_bytes() == sha
 
 
+def test_export_can_re_estimate_batchnorm_statistics(
+    run: Path, dataset: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "recal.safetensors"
+    args = ["--checkpoint", str(run / "best.pt"), "--out", str(out), "--recalibrate-bn", "4"]
+    assert export_mod.main([*args, "--data", str(dataset)]) == 0
+    meta = load_model(out).metadata
+    assert meta["bn_recalibrated_on_train_images"] == 4
+    assert "after re-estimating" in meta["metrics"]["val"]["note"]
+    assert 0 <= meta["metrics"]["val"]["dice"] <= 1
+
+
 def test_export_refuses_a_checkpoint_before_act_learn_reaches_one(
     run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
