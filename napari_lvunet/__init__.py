@@ -3,4 +3,4 @@
 from .model import LVUNet, lvunet, reparameterize_model
 
 __version__ = "0.1.0"
-__all__ = ["LVUNet", "lvunet", "reparameterize_model", "__version__"]
+__all__ = ["LVUNet", "__version__", "lvunet", "reparameterize_model"]

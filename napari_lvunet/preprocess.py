@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TRAIN_SIZE", "to_unit_rgb", "normalize"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TRAIN_SIZE", "normalize", "to_unit_rgb"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -57,7 +57,14 @@ def to_unit_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def normalize(batch: torch.Tensor) -> torch.Tensor:
-    """Apply the ImageNet normalisation to an ``(N, 3, H, W)`` batch in [0, 1]."""
+    """Apply the ImageNet normalisation to an ``(N, 3, H, W)`` batch in [0, 1].
+
+    Raises:
+        ValueError: If ``batch`` is not ``(N, 3, H, W)`` (a one-channel batch would
+            otherwise broadcast silently to three channels).
+    """
+    if batch.ndim != 4 or batch.shape[1] != 3:
+        raise ValueError(f"expected an (N, 3, H, W) batch, got shape {tuple(batch.shape)}")
     mean = batch.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = batch.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (batch - mean) / std

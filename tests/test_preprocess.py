@@ -172,3 +172,9 @@ def test_pipeline_from_uint8_to_network_input() -> None:
 
 def test_training_size_is_the_papers() -> None:
     assert TRAIN_SIZE == (256, 256)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 8, 8), (3, 8, 8), (2, 4, 8, 8)])
+def test_normalize_rejects_other_shapes(shape):
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        normalize(torch.zeros(shape))

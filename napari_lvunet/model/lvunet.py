@@ -26,7 +26,7 @@ from torchvision.models import MobileNet_V3_Large_Weights, mobilenet_v3_large
 
 from .fusible import FusibleBlock, fuse_conv_bn
 
-__all__ = ["LVUNet", "lvunet", "reparameterize_model", "SIZE_DIVISOR"]
+__all__ = ["SIZE_DIVISOR", "LVUNet", "lvunet", "reparameterize_model"]
 
 #: H and W must be multiples of this (seven 2x downsamplings).
 SIZE_DIVISOR = 128
@@ -105,7 +105,9 @@ class LVUNet(nn.Module):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if fused and weights is not None:
-            raise ValueError("weights= initialises a training model; a fused model loads its weights")
+            raise ValueError(
+                "weights= initialises a training model; a fused model loads its weights"
+            )
         self.num_classes = num_classes
         self.act_num = act_num
         self.encoder = _build_encoder(weights)
@@ -152,12 +154,13 @@ class LVUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        if not torch.compiler.is_compiling() and not torch.jit.is_tracing():
-            if h % SIZE_DIVISOR or w % SIZE_DIVISOR:
-                raise ValueError(
-                    f"LV-UNet needs height and width that are multiples of {SIZE_DIVISOR}, "
-                    f"got {h}x{w}; pad the image (napari_lvunet.inference.segment does)"
-                )
+        # Skipped while tracing/exporting, so that the check does not pin the sizes.
+        tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        if not tracing and (h % SIZE_DIVISOR or w % SIZE_DIVISOR):
+            raise ValueError(
+                f"LV-UNet needs height and width that are multiples of {SIZE_DIVISOR}, "
+                f"got {h}x{w}; pad the image (napari_lvunet.inference.segment does)"
+            )
         skips = []
         for stage in self.encoder:
             x = stage(x)
