@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from .export import INPUT_NAME, OUTPUT_NAME, export_onnx, fused_cpu_copy
 from .model import SIZE_DIVISOR, LVUNet
-from .preprocess import TRAIN_SIZE, normalize, to_unit_rgb
+from .preprocess import TRAIN_SIZE, normalize, resize, to_unit_rgb
 
 __all__ = [
     "SegmentationCancelled",
@@ -754,7 +754,7 @@ class _ResizeGeometry:
             pixels = torch.from_numpy(frame.unit()).permute(2, 0, 1)[None]
             frame.raw = None
             frame.pending = 1
-            yield _Item(frame, _resize(pixels, self.size)[0].numpy())
+            yield _Item(frame, resize(pixels, self.size)[0].numpy())
 
     def accumulate(
         self, item: _Item, logits: np.ndarray, num_classes: int
@@ -857,15 +857,6 @@ def _train_size(metadata: dict[str, Any]) -> tuple[int, int]:
     ):
         raise ValueError(f"train_size {height}x{width} is not a multiple of {SIZE_DIVISOR}")
     return height, width
-
-
-def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Resize ``(N, 3, H, W)`` images in [0, 1] as training does (bilinear, antialiased)."""
-    if tuple(images.shape[-2:]) == tuple(size):
-        return images
-    return F.interpolate(
-        images, size=size, mode="bilinear", align_corners=False, antialias=True
-    ).clamp_(0.0, 1.0)
 
 
 def _activate(logits: np.ndarray, num_classes: int) -> np.ndarray:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TRAIN_SIZE", "normalize", "to_unit_rgb"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TRAIN_SIZE", "normalize", "resize", "to_unit_rgb"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -68,3 +69,17 @@ def normalize(batch: torch.Tensor) -> torch.Tensor:
     mean = batch.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = batch.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (batch - mean) / std
+
+
+def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize ``(N, C, H, W)`` float images in [0, 1] to ``size`` (height, width).
+
+    Bilinear with antialiasing, clamped to [0, 1]: the one resize that training (cache,
+    augmentation, evaluation) and inference (the "resize" sizing policy) share, so that
+    an image reaches the network at 256x256 looking the same in both.
+    """
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    return F.interpolate(
+        images, size=tuple(size), mode="bilinear", align_corners=False, antialias=True
+    ).clamp_(0.0, 1.0)

@@ -24,10 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from napari_lvunet.preprocess import to_unit_rgb
+from napari_lvunet.preprocess import resize, to_unit_rgb
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -39,7 +38,6 @@ __all__ = [
     "find_pairs",
     "load_pair",
     "read_array",
-    "resize_image",
     "resize_mask",
     "resolve_splits",
 ]
@@ -252,18 +250,11 @@ def load_pair(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
     return rgb, binarize_mask(mask, lossy=pair.mask.suffix.lower() in _JPEG_SUFFIXES)
 
 
-def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Resize ``(N, C, H, W)`` float images bilinearly with antialiasing (the one resize)."""
-    if tuple(image.shape[-2:]) == tuple(size):
-        return image
-    return F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
-
-
 def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Resize ``(N, 1, H, W)`` {0, 1} float masks; the result is {0, 1} again."""
     if tuple(mask.shape[-2:]) == tuple(size):
         return mask
-    return (resize_image(mask, size) >= 0.5).to(mask.dtype)
+    return (resize(mask, size) >= 0.5).to(mask.dtype)
 
 
 @dataclass(frozen=True)
@@ -305,7 +296,7 @@ class Augment:
         left = int(torch.randint(0, w - cw + 1, (), generator=gen))
         img = image[None, :, top : top + ch, left : left + cw].float().div_(255.0)
         msk = mask[None, :, top : top + ch, left : left + cw].float()
-        img = resize_image(img, size)[0].clamp_(0.0, 1.0)
+        img = resize(img, size)[0]
         msk = resize_mask(msk, size)[0]
         if self.flips:
             if float(torch.rand((), generator=gen)) < 0.5:
@@ -376,7 +367,7 @@ class CachedSegmentationDataset(Dataset):
         self.masks = torch.empty((n, 1, h, w), dtype=torch.uint8)
         for i, pair in enumerate(self.pairs):
             rgb, mask = load_pair(pair)
-            img = resize_image(torch.from_numpy(rgb).permute(2, 0, 1)[None], self.cache_size)
+            img = resize(torch.from_numpy(rgb).permute(2, 0, 1)[None], self.cache_size)
             self.images[i] = img[0].clamp_(0, 1).mul_(255).round_().to(torch.uint8)
             msk = torch.from_numpy(mask)[None, None].float()
             self.masks[i] = resize_mask(msk, self.cache_size)[0].to(torch.uint8)

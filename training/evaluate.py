@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from napari_lvunet.model import LVUNet, reparameterize_model
-from napari_lvunet.preprocess import normalize
+from napari_lvunet.preprocess import normalize, resize
 
 from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from .data import DatasetError, Pair, find_pairs, load_pair, resize_image, resolve_splits
+from .data import DatasetError, Pair, find_pairs, load_pair, resolve_splits
 from .metrics import METRIC_NAMES, segmentation_metrics
 
 __all__ = [
@@ -173,12 +173,9 @@ def evaluate_pairs(
         chunk = pairs[start : start + batch_size]
         loaded = [load_pair(p) for p in chunk]
         x = torch.cat(
-            [
-                resize_image(torch.from_numpy(rgb).permute(2, 0, 1)[None], train_size)
-                for rgb, _ in loaded
-            ]
+            [resize(torch.from_numpy(rgb).permute(2, 0, 1)[None], train_size) for rgb, _ in loaded]
         )
-        x = normalize(x.clamp_(0.0, 1.0)).to(device)
+        x = normalize(x).to(device)
         for label, model in models.items():
             logits = model(x).float().cpu()
             for i, (pair, (_, mask)) in enumerate(zip(chunk, loaded, strict=True)):

@@ -52,7 +52,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from napari_lvunet.model import SIZE_DIVISOR, LVUNet
-from napari_lvunet.preprocess import TRAIN_SIZE, normalize
+from napari_lvunet.preprocess import TRAIN_SIZE, normalize, resize
 from napari_lvunet.weights import code_version
 
 from .checkpoint import (
@@ -67,7 +67,6 @@ from .data import (
     CachedSegmentationDataset,
     DatasetError,
     find_pairs,
-    resize_image,
     resolve_splits,
 )
 from .losses import BCEDiceLoss
@@ -334,8 +333,8 @@ def recalibrate_batchnorm(
     model.train()
     try:
         for i in range(0, n, batch_size):
-            x = resize_image(images[i : i + batch_size].float().div_(255.0), size)
-            x = normalize(x.clamp_(0.0, 1.0)).to(device)
+            x = resize(images[i : i + batch_size].float().div_(255.0), size)
+            x = normalize(x).to(device)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(
