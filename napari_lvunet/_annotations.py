@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ._io import atomic_write
 from .preprocess import to_unit_rgb
 
 __all__ = [
@@ -150,9 +151,9 @@ def _free_stem(images_dir: Path, masks_dir: Path, stem: str, slice_ids: list[Sli
 
 
 def _write_png_exclusive(path: Path, array: np.ndarray) -> None:
-    # "x" mode: refuse to replace a file that appeared since the name was chosen.
-    with open(path, "xb") as fh:
-        Image.fromarray(array).save(fh, format="PNG")
+    # overwrite=False: refuse to replace a file that appeared since the name was chosen;
+    # the atomic write also means a crash never leaves half a PNG in the training data.
+    atomic_write(path, lambda fh: Image.fromarray(array).save(fh, format="PNG"), overwrite=False)
 
 
 def save_for_training(

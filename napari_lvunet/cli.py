@@ -27,12 +27,13 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
+
+from ._io import atomic_write
 
 __all__ = ["main", "read_image", "sample_image_path", "segment_file"]
 
@@ -130,37 +131,30 @@ def _mask_for_file(labels: np.ndarray, binary: bool, semantic: bool) -> np.ndarr
     return labels.astype(np.uint8 if labels.max() <= 255 else np.uint16)
 
 
-def _write_atomic(path: Path, write: Any, overwrite: bool) -> None:
+def _write_atomic(path: Path, write: Callable[[BinaryIO], None], overwrite: bool) -> None:
     """Write via a temporary file in the same folder, then move it into place: never
     half a file, and (without ``overwrite``) never over a file that exists, even one
     created meanwhile."""
-    from .weights import _move_into_place
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
     try:
-        write(Path(tmp))
-        _move_into_place(Path(tmp), path, overwrite)
+        atomic_write(path, write, overwrite=overwrite)
     except FileExistsError:
         raise CLIError(f"{path} exists; pass --overwrite to replace it") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
-def _save_png(array: np.ndarray) -> Any:
+def _save_png(array: np.ndarray) -> Callable[[BinaryIO], None]:
     from PIL import Image
 
-    def write(path: Path) -> None:
-        Image.fromarray(array).save(path, format="PNG")
+    def write(file: BinaryIO) -> None:
+        Image.fromarray(array).save(file, format="PNG")
 
     return write
 
 
-def _save_tiff(array: np.ndarray) -> Any:
+def _save_tiff(array: np.ndarray) -> Callable[[BinaryIO], None]:
     import tifffile
 
-    def write(path: Path) -> None:
-        tifffile.imwrite(path, array, photometric="minisblack", compression="zlib")
+    def write(file: BinaryIO) -> None:
+        tifffile.imwrite(file, array, photometric="minisblack", compression="zlib")
 
     return write
 

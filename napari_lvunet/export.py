@@ -18,13 +18,13 @@ import copy
 import io
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ._io import atomic_write
 from .model import SIZE_DIVISOR, LVUNet, reparameterize_model
 from .preprocess import normalize
 
@@ -165,20 +165,13 @@ def export_onnx(
             logger.debug("torch.onnx.export: %s", chatter.getvalue().strip())
     program.model.metadata_props.update(props)
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        program.save(tmp, external_data=False)
-        if verify:
-            _verify(graph, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    data = program.model_proto.SerializeToString()
+    if verify:  # before anything is written: a bad graph never replaces a good file
+        _verify(graph, data)
+    return atomic_write(path, lambda file: file.write(data), overwrite=True)
 
 
-def _verify(graph: nn.Module, onnx_path: Path) -> None:
+def _verify(graph: nn.Module, onnx_bytes: bytes) -> None:
     """Compare the exported graph with PyTorch on a random batch of an unseen size."""
     import numpy as np
     import onnxruntime as ort
@@ -187,7 +180,7 @@ def _verify(graph: nn.Module, onnx_path: Path) -> None:
     x = torch.rand(3, 3, SIZE_DIVISOR, 3 * SIZE_DIVISOR)
     with torch.inference_mode():
         expected = graph(x).numpy()
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
     if got.shape != expected.shape or not np.allclose(got, expected, atol=1e-4, rtol=1e-4):
         diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else "shape"

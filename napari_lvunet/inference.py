@@ -240,9 +240,9 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
     Returns:
         The digest; equal for two models exactly when they hold equal tensors.
     """
-    from .weights import _tensors_sha256
+    from .weights import tensors_sha256
 
-    return _tensors_sha256(model.state_dict())
+    return tensors_sha256(model.state_dict())
 
 
 def _writable_dir(folder: Path) -> bool:

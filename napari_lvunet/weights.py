@@ -37,7 +37,6 @@ import math
 import os
 import struct
 import subprocess
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
+from ._io import atomic_write
 from .model import LVUNet, reparameterize_model
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, TRAIN_SIZE
 
@@ -71,6 +71,7 @@ __all__ = [
     "read_metadata",
     "registry",
     "save_weights",
+    "tensors_sha256",
 ]
 
 logger = logging.getLogger(__name__)
@@ -414,7 +415,18 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 
-def _tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """Hex SHA-256 over named tensors: each name, dtype, shape and bytes, in name order.
+
+    The digest a weights file stores as ``tensors_sha256``; it does not depend on the
+    file's layout or metadata, only on the tensors.
+
+    Args:
+        tensors: Tensors by name (a state dict); moved to the CPU to be hashed.
+
+    Returns:
+        The hex digest.
+    """
     digest = hashlib.sha256()
     for key in sorted(tensors):
         tensor = tensors[key].detach().to("cpu").contiguous()
@@ -482,7 +494,7 @@ def save_weights(
         "architecture": {**fused.config, "fused": True, "in_chans": 3},
         "act_learn": 1.0,
         "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        "tensors_sha256": _tensors_sha256(tensors),
+        "tensors_sha256": tensors_sha256(tensors),
     }
     try:
         text = json.dumps(meta, default=_json_default, allow_nan=False, sort_keys=True)
@@ -495,39 +507,11 @@ def save_weights(
     data = save_safetensors_bytes(tensors, metadata={_METADATA_KEY: text})
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        _move_into_place(tmp, path, overwrite)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda file: file.write(data), overwrite=overwrite)
     logger.info(
         "saved fused LV-UNet weights to %s (sha256 %s)", path, hashlib.sha256(data).hexdigest()
     )
     return path
-
-
-def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
-    if overwrite:
-        os.replace(tmp, path)
-        return
-    # A hard link fails if the destination exists, so a file created meanwhile by
-    # someone else is never replaced. Filesystems without hard links fall back to a
-    # check followed by a rename.
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it") from None
-    except OSError:
-        if path.exists():
-            raise FileExistsError(
-                f"{path} already exists; pass overwrite=True to replace it"
-            ) from None
-        os.replace(tmp, path)
 
 
 def _describe_pickle(head: bytes) -> str | None:
@@ -747,7 +731,7 @@ def _load_file(path: Path, name: str, expected_sha256: str | None) -> LoadedMode
         raise WeightsError(
             f"{path} does not match the fused LV-UNet architecture {arch}: " + "; ".join(problems)
         )
-    if _tensors_sha256(tensors) != metadata["tensors_sha256"]:
+    if tensors_sha256(tensors) != metadata["tensors_sha256"]:
         raise WeightsError(
             f"{path} is corrupted: its weights differ from those it was saved with "
             "(tensors_sha256 mismatch); it was not used"

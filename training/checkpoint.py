@@ -9,14 +9,13 @@ metrics; ``training.export`` turns it into fused safetensors for the plugin.
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from napari_lvunet._io import atomic_write
 from napari_lvunet.model import LVUNet
 
 __all__ = [
@@ -36,39 +35,14 @@ class CheckpointError(ValueError):
     """A file is not a usable training checkpoint; the message says why."""
 
 
-def _atomic_write(path: Path, write: Any) -> Path:
-    # Write a temporary file next to the target, fsync it, then rename over the target:
-    # a crash at any moment leaves either the old file or the new one, never a torn one.
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # persist the rename itself
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass  # not every filesystem lets a directory be fsynced; the rename still happened
-    return path
-
-
 def atomic_save(obj: Mapping[str, Any], path: str | Path) -> Path:
     """``torch.save`` ``obj`` to ``path`` atomically (temporary file + rename)."""
-    return _atomic_write(Path(path), lambda f: torch.save(dict(obj), f))
+    return atomic_write(path, lambda f: torch.save(dict(obj), f), overwrite=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
-    return _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")), overwrite=True)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from napari_lvunet._io import atomic_write
 from napari_lvunet.model import SIZE_DIVISOR, LVUNet
 from napari_lvunet.preprocess import TRAIN_SIZE, normalize, resize
 from napari_lvunet.weights import code_version
@@ -409,11 +410,7 @@ def _plot_curves(path: Path, history: list[dict[str, Any]]) -> None:
     twin.set(ylim=(-0.05, 1.05))
     ax3.set_title("lr (blue), act_learn (red)")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    path_tmp = path.with_suffix(".png.tmp")
-    path_tmp.write_bytes(buf.getvalue())
-    os.replace(path_tmp, path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"), overwrite=True)
 
 
 def _check_new_run_dir(run_dir: Path) -> None:

@@ -1,0 +1,106 @@
+"""Atomic file writes: the one way the project puts a file on disk.
+
+Weights, ONNX graphs, CLI masks, training checkpoints and saved correction pairs all go
+through :func:`atomic_write`: the bytes go to a temporary file in the target's folder,
+are flushed and fsynced, and only then is the file moved under its real name. A crash or
+an error at any moment leaves the old file (or none), never half a file, and the
+temporary file is always removed. No Qt, no torch: safe to import anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+__all__ = ["atomic_write"]
+
+logger = logging.getLogger(__name__)
+
+
+def atomic_write(
+    path: str | os.PathLike[str],
+    write: Callable[[BinaryIO], None],
+    *,
+    overwrite: bool,
+) -> Path:
+    """Write a file through a temporary file in the same folder, then move it into place.
+
+    Args:
+        path: Destination file; its folder must exist.
+        write: Called once with the temporary file, opened for binary writing; it writes
+            the whole content (``write`` may seek, as TIFF and PNG writers do).
+        overwrite: Replace an existing ``path`` (atomically, with ``os.replace``). When
+            False the file is hard-linked into place, which fails if ``path`` exists, so
+            a file created meanwhile by someone else is never replaced either; where the
+            filesystem has no hard links, an existence check followed by a rename is the
+            fallback.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        FileExistsError: If ``path`` exists and ``overwrite`` is False.
+        OSError: If the folder is missing or not writable, or the disk is full.
+        Exception: Whatever ``write`` raises; nothing is left on disk then.
+    """
+    path = Path(path)
+    tmp, file = _create_temp(path)
+    try:
+        with file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        _move_into_place(tmp, path, overwrite)
+    finally:
+        # After os.replace the name is gone; after os.link it is a second name to drop.
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    logger.debug("wrote %s", path)
+    return path
+
+
+def _create_temp(path: Path) -> tuple[Path, BinaryIO]:
+    """A new temporary file next to ``path``, created exclusively and opened for writing."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            # open(..., "xb") creates with mode 0o666 minus the umask, like any file a
+            # program makes (tempfile.mkstemp's 0o600 would make outputs private), and
+            # gives a file object whose ``name`` is the path, as tifffile expects.
+            return tmp, open(tmp, "xb")  # closed by atomic_write
+        except FileExistsError:  # a name collision (1 in 4 billion): draw another
+            continue
+
+
+def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    message = f"{path} already exists; pass overwrite=True to replace it"
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(message) from None
+    except OSError:  # no hard links on this filesystem (some FAT/network mounts)
+        if path.exists():
+            raise FileExistsError(message) from None
+        os.replace(tmp, path)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Persist the new directory entry too; best effort, as not every platform or
+    # filesystem lets a directory be opened or fsynced (Windows does not).
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
