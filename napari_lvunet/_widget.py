@@ -146,6 +146,11 @@ def _real(obj: Any) -> Any:
     return getattr(obj, "__wrapped__", obj)
 
 
+def _yx_shape(image: Image) -> tuple[int, ...]:
+    """The image layer's data shape without its colour axis: the shape its labels have."""
+    return tuple(image.data.shape[:-1] if image.rgb else image.data.shape)
+
+
 def _fit_dtype(layer: Labels, labels: np.ndarray) -> None:
     """Widen a Labels layer's dtype if ``labels`` (e.g. many instances) would overflow it."""
     if labels.size and int(labels.max()) > np.iinfo(layer.data.dtype).max:
@@ -182,6 +187,11 @@ class LVUNetWidget(Container):
         self._loaded: dict[str, Any] = {}  # model key -> weights.LoadedModel
         self._cache_lock = threading.Lock()  # the preview and Segment workers share it
         self._tracks: weakref.WeakKeyDictionary[Labels, _Track] = weakref.WeakKeyDictionary()
+        # Probability layers this widget made -> their source image: "overwrite" replaces
+        # only these, never a user's layer that happens to carry the same name.
+        self._probability_sources: weakref.WeakKeyDictionary[Image, weakref.ReferenceType] = (
+            weakref.WeakKeyDictionary()
+        )
         self._cancel = threading.Event()
         self._worker = None  # the Segment / Fine-tune worker: one at a time
         self._preview_worker = None
@@ -553,8 +563,23 @@ class LVUNetWidget(Container):
                 found = layer
         return found
 
+    def _fits_image(self, result: _Result) -> bool:
+        """Whether a result still matches its image layer's current data shape.
+
+        The layer's data can be replaced (by the user or another plugin) while a job runs;
+        a result for the old data must not be written into a layer shaped for the new.
+        """
+        request = result.request
+        shape = _yx_shape(request.image)
+        if request.index is None:
+            return result.labels.shape == shape
+        n_leading = len(request.index)
+        return result.labels.shape == shape[n_leading:] and all(
+            0 <= i < n for i, n in zip(request.index, shape[:n_leading], strict=False)
+        )
+
     def _new_labels(self, image: Image, dtype: np.dtype) -> Labels:
-        shape = image.data.shape[:-1] if image.rgb else image.data.shape
+        shape = _yx_shape(image)
         layer = self.viewer.add_labels(
             np.zeros(shape, dtype=dtype),
             name=f"{image.name} labels",
@@ -588,11 +613,16 @@ class LVUNetWidget(Container):
             show_warning(f"LV-UNet: layer {image.name!r} was closed before its result arrived.")
             return
         self._show_device(result)
+        if not self._fits_image(result):
+            self.status.value = "result discarded: the image changed"
+            show_warning(
+                f"LV-UNet: the data of {image.name!r} changed size while it was being "
+                "segmented; the result was discarded. Press Segment again."
+            )
+            return
         target = self._result_layer(image) if request.overwrite else None
         labels = result.labels
-        if target is None or target.data.shape != (
-            image.data.shape[:-1] if image.rgb else image.data.shape
-        ):
+        if target is None or target.data.shape != _yx_shape(image):
             target = self._new_labels(image, labels.dtype)
         elif request.index is None:
             self._tracks[_real(target)].edited.clear()  # the user chose to replace their edits
@@ -612,15 +642,18 @@ class LVUNetWidget(Container):
         self.corrected.value = target
 
     def _show_probabilities(self, image: Image, request: _Request, probs: np.ndarray) -> None:
-        name = f"{image.name} probability"
-        shape = image.data.shape[:-1] if image.rgb else image.data.shape
-        existing = next((lay for lay in self.viewer.layers if lay.name == name), None)
+        shape = _yx_shape(image)
+        existing = None
+        for lay in self.viewer.layers:  # the most recent one made from this image
+            source = self._probability_sources.get(_real(lay))
+            if source is not None and source() is _real(image):
+                existing = lay
         if request.overwrite and existing is not None and existing.data.shape == shape:
             layer = existing
         else:
             layer = self.viewer.add_image(
                 np.zeros(shape, dtype=np.float32),
-                name=name,
+                name=f"{image.name} probability",
                 colormap="magma",
                 blending="additive",
                 opacity=0.5,
@@ -628,6 +661,7 @@ class LVUNetWidget(Container):
                 scale=image.scale,
                 translate=image.translate,
             )
+            self._probability_sources[_real(layer)] = weakref.ref(_real(image))
         if request.index is None:
             layer.data = probs.astype(np.float32, copy=False)
         else:
@@ -663,7 +697,11 @@ class LVUNetWidget(Container):
         image, index = self._preview_pending
         self._preview_pending = None
         target = self._result_layer(image)
-        if target is not None and index in self._tracks[_real(target)].edited:
+        if (
+            target is not None
+            and target.data.shape == _yx_shape(image)
+            and index in self._tracks[_real(target)].edited
+        ):
             return  # never repaint a slice the user corrected
         try:
             request = self._gather(preview_index=index)
@@ -689,8 +727,19 @@ class LVUNetWidget(Container):
         image = request.image
         if image not in self.viewer.layers:
             return
+        if not self._fits_image(result):
+            # The layer's data was replaced while this slice was computing: segment anew.
+            self.status.value = "live preview: the image changed, segmenting again"
+            self._request_preview()
+            return
         self._show_device(result)
         target = self._result_layer(image)
+        if target is not None and target.data.shape != _yx_shape(image):
+            show_info(
+                f"LV-UNet: {image.name!r} changed size; live preview now writes to a new "
+                f"labels layer and leaves {target.name!r} as it was."
+            )
+            target = None
         if target is None:
             target = self._new_labels(image, result.labels.dtype)
         if request.index in self._tracks[_real(target)].edited:
@@ -727,6 +776,10 @@ class LVUNetWidget(Container):
     def save_for_training(self) -> list[tuple[Path, Path]]:
         """Write the image and its corrected labels as training pairs (the button).
 
+        A Labels layer this widget made is saved with the image it was segmented from,
+        whatever the Image picker shows, so a mask is never paired with another image's
+        pixels; a Labels layer the user made is saved with the picked image.
+
         Returns:
             The ``(image, mask)`` paths written; empty when nothing was saved.
         """
@@ -738,6 +791,22 @@ class LVUNetWidget(Container):
         if not folder or str(folder) in ("", "."):
             show_error("Choose a dataset folder to save into first.")
             return []
+        track = self._tracks.get(_real(labels))
+        if track is not None:
+            source = track.image()
+            if source is None or not any(_real(lay) is source for lay in self.viewer.layers):
+                show_error(
+                    f"Nothing saved: {labels.name!r} was segmented from an image layer that "
+                    "is no longer open; reopen that image, or save a Labels layer of the "
+                    "picked image."
+                )
+                return []
+            if source is not _real(image):
+                show_info(
+                    f"LV-UNet: {labels.name!r} was segmented from {source.name!r}, so it is "
+                    f"saved with {source.name!r}, not with the picked {image.name!r}."
+                )
+                image = source
         slices = None
         if image.ndim > 2 and self.scope.value == "slice":
             slices = [self._displayed_index(image)]

@@ -375,6 +375,103 @@ def test_save_for_training_from_widget(viewer_widget, qtbot, notes, tmp_path, we
     assert len(list((tmp_path / "corrections" / "masks").iterdir())) == 4
 
 
+@pytest.mark.gui
+def test_save_for_training_pairs_a_result_with_its_own_image(viewer_widget, qtbot, notes, tmp_path):
+    viewer, widget = viewer_widget
+    rng = np.random.default_rng(8)
+    a = viewer.add_image(rng.integers(0, 256, (128, 128), dtype=np.uint8), name="A")
+    b = viewer.add_image(rng.integers(0, 256, (128, 128), dtype=np.uint8), name="B")
+    widget.image.value = a
+    widget.segment()
+    _wait_idle(qtbot, widget)
+    assert widget.corrected.value is viewer.layers["A labels"]
+    widget.image.value = b  # same size as A: a shape check cannot tell them apart
+    widget.data_dir.value = tmp_path / "corrections"
+    ((img_path, _),) = widget.save_for_training()
+    assert img_path.name == "A.png"
+    np.testing.assert_array_equal(np.asarray(PILImage.open(img_path)), a.data)
+    assert any("segmented from 'A'" in m for m in notes.messages("info"))
+
+    # A Labels layer the user drew is saved with the image they picked.
+    mine = viewer.add_labels(np.zeros((128, 128), np.uint8), name="mine")
+    mine.data[5:9, 5:9] = 1
+    widget.image.value, widget.corrected.value = b, mine
+    ((img_path, _),) = widget.save_for_training()
+    np.testing.assert_array_equal(np.asarray(PILImage.open(img_path)), b.data)
+
+    # A result whose image was closed is refused, not paired with the picked one.
+    viewer.layers.remove(a)
+    widget.image.value, widget.corrected.value = b, viewer.layers["A labels"]
+    assert widget.save_for_training() == []
+    assert "no longer open" in notes.messages("error")[-1]
+    assert len(list((tmp_path / "corrections" / "images").iterdir())) == 2
+
+
+@pytest.mark.gui
+def test_stale_results_for_resized_image_data_are_dropped(viewer_widget, notes) -> None:
+    viewer, widget = viewer_widget
+    rng = np.random.default_rng(9)
+    image = viewer.add_image(rng.integers(0, 256, (3, 128, 128), dtype=np.uint8), name="vol")
+    resized = rng.integers(0, 256, (2, 128, 192), dtype=np.uint8)
+
+    # Results computed for the old data, arriving after the data was replaced: dropped.
+    widget.scope.value = "slice"
+    viewer.dims.set_current_step(0, 1)
+    stale = widget._run(widget._gather(), None)
+    stale_preview = widget._run(widget._gather(preview_index=(1,)), None)
+    image.data = resized
+    widget._on_segmented(stale)
+    widget._on_preview(stale_preview)
+    assert _labels_layers(viewer) == []
+    assert "changed size while it was being segmented" in notes.messages("warning")[-1]
+
+
+@pytest.mark.gui
+def test_live_preview_after_image_data_resized(viewer_widget, qtbot, notes) -> None:
+    viewer, widget = viewer_widget
+    rng = np.random.default_rng(9)
+    image = viewer.add_image(rng.integers(0, 256, (3, 128, 128), dtype=np.uint8), name="vol")
+    resized = rng.integers(0, 256, (2, 128, 192), dtype=np.uint8)
+    viewer.dims.set_current_step(0, 1)
+    widget.threshold.value = 0.05  # a random network: make sure slices get foreground
+    widget.live.value = True
+    qtbot.waitUntil(lambda: "vol labels" in viewer.layers, timeout=60_000)
+    _wait_idle(qtbot, widget)
+    old = viewer.layers["vol labels"]
+    before = old.data.copy()
+    image.data = resized
+    viewer.dims.set_current_step(0, 0)
+    qtbot.waitUntil(lambda: len(_labels_layers(viewer)) == 2, timeout=60_000)
+    _wait_idle(qtbot, widget)
+    new = _labels_layers(viewer)[-1]
+    assert new.data.shape == (2, 128, 192) and new.data[0].any() and not new.data[1].any()
+    np.testing.assert_array_equal(old.data, before)  # the old result is left as it was
+    assert any("changed size" in m for m in notes.messages("info"))
+    widget.live.value = False
+
+
+@pytest.mark.gui
+def test_overwrite_replaces_only_the_widgets_probability_layer(viewer_widget, qtbot) -> None:
+    viewer, widget = viewer_widget
+    data = np.random.default_rng(10).integers(0, 256, (128, 128), dtype=np.uint8)
+    viewer.add_image(data, name="img")
+    users = np.full((128, 128), 0.25, np.float32)
+    viewer.add_image(users.copy(), name="img probability")  # the user's own layer
+    widget.probabilities.value = widget.overwrite.value = True
+    widget.segment()
+    _wait_idle(qtbot, widget)
+    np.testing.assert_array_equal(viewer.layers["img probability"].data, users)
+    ours = viewer.layers[-1]
+    assert ours.name != "img probability" and ours.data.shape == (128, 128)
+    ours.name = "renamed by the user"
+    ours.data = np.zeros((128, 128), np.float32)
+    n_layers = len(viewer.layers)
+    widget.segment()  # overwrite: the widget's layer is replaced in place, by identity
+    _wait_idle(qtbot, widget)
+    assert len(viewer.layers) == n_layers and ours.data.any()
+    np.testing.assert_array_equal(viewer.layers["img probability"].data, users)
+
+
 def _tiny_folder(root: Path, n: int = 3, size: int = 128) -> Path:
     rng = np.random.default_rng(6)
     for sub in ("images", "masks"):
