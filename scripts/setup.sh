@@ -17,8 +17,11 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${LVUNET_VENV:-$REPO/.venv}"
 
-# torch first, pinned: an unpinned `torch` may resolve to a multi-GB CUDA build, and
-# pinning both keeps torchvision's compiled ops matched to torch.
+# torch first, pinned, so that torchvision's compiled ops match torch. On x86_64 Linux
+# PyPI's torch is the CUDA build (several GB; the CUDA libraries simply go unused on a
+# CPU-only machine): the build machines keep these two releases' wheels on disk, so pip
+# installs them without a download there. Elsewhere, to save the download, install a CPU
+# build of the same releases from PyTorch's own index before running this script.
 TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
 
 # What napari's Qt window and vispy's OpenGL canvas need on a headless machine: an X
