@@ -5,11 +5,13 @@ at 128 px, and every run is a few optimiser steps."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import threading
+import types
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +35,11 @@ from training.data import (
     find_pairs,
     read_array,
     resolve_splits,
+    split_digest,
 )
 from training.finetune import FinetuneCancelled, finetune
 from training.losses import BCEDiceLoss
-from training.metrics import segmentation_metrics
+from training.metrics import METRIC_NAMES, segmentation_metrics
 from training.train import TrainConfig, act_learn_at
 
 REPO = Path(__file__).resolve().parent.parent
@@ -209,6 +212,9 @@ def test_train_writes_a_complete_run(run: Path) -> None:
     assert best["epoch"] == 2 and best["act_learn"] == 1.0
     assert best["config"]["lr"] == 1e-3 and 0 <= best["metrics"]["val_dice"] <= 1
     assert model_from_checkpoint(best).act_learn == 1.0
+    # The split itself (not its names), with what drew it, for export and evaluate.
+    assert best["dataset"]["splits"] == json.loads((run / "splits.json").read_text())
+    assert best["dataset"]["seed"] == 3 and best["dataset"]["val_fraction"] == 0.2
     rows = (run / "log.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[0].startswith("epoch,act_learn,lr")
 
@@ -285,6 +291,23 @@ def test_an_existing_run_folder_is_never_overwritten(
     assert err.startswith("error: run folder") and "--resume" in err and "\n" not in err
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_diverged_training_gives_one_clear_line(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    class NanLoss(torch.nn.Module):
+        def __init__(self, bce_weight: float) -> None:
+            super().__init__()
+
+        def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return logits.mean() * float("nan")
+
+    monkeypatch.setattr(train_mod, "BCEDiceLoss", NanLoss)
+    assert train_mod.main(_train_args(dataset, tmp_path / "r", "--epochs", "1")) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: the loss became nan")
+    assert "diverged" in errors[0]
 
 
 def _bad_empty(root: Path) -> None:
@@ -389,16 +412,67 @@ def test_export_fused_weights_reproduce_the_unfused_model(run: Path, tmp_path: P
     assert out.read_bytes() == sha
 
 
+def _with_split(run: Path, path: Path, val: list[str]) -> dict[str, list[str]]:
+    """Save best.pt with its stored split replaced: ``val`` held out, the rest trained on."""
+    ckpt = load_checkpoint(run / "best.pt")
+    stems = [f"img{i:02d}" for i in range(8)]
+    splits = {"train": [s for s in stems if s not in val], "val": val, "test": []}
+    ckpt["dataset"]["splits"] = splits
+    torch.save(ckpt, path)
+    return splits
+
+
 def test_export_can_re_estimate_batchnorm_statistics(
-    run: Path, dataset: Path, tmp_path: Path
+    run: Path, dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # The run's own split (here 5 train / 3 val, which no seeded 80/20 split gives) is
+    # used for re-estimation, validation and --test-split, and recorded in the weights.
+    splits = _with_split(run, tmp_path / "ckpt.pt", ["img03", "img06", "img07"])
     out = tmp_path / "recal.safetensors"
-    args = ["--checkpoint", str(run / "best.pt"), "--out", str(out), "--recalibrate-bn", "4"]
-    assert export_mod.main([*args, "--data", str(dataset)]) == 0
+    args = ["--checkpoint", str(tmp_path / "ckpt.pt"), "--out", str(out), "--recalibrate-bn", "4"]
+    assert export_mod.main([*args, "--data", str(dataset), "--test-split", "train"]) == 0
     meta = load_model(out).metadata
     assert meta["bn_recalibrated_on_train_images"] == 4
     assert "after re-estimating" in meta["metrics"]["val"]["note"]
     assert 0 <= meta["metrics"]["val"]["dice"] <= 1
+    assert meta["metrics"]["val"]["n"] == 3 and meta["metrics"]["train"]["n"] == 5
+    assert meta["dataset"]["split"] == {"seed": 3, "val_fraction": 0.2, **split_digest(splits)}
+    # Evaluating the weights on a split other than the recorded one says so.
+    with caplog.at_level(logging.WARNING, logger="training.evaluate"):
+        rows = evaluate_mod.evaluate(dataset, out, split="val")
+    assert [r["stem"] for r in rows["fused"]] == ["img00", "img05"]  # seed 3, as trained
+    assert "is not the one recorded" in caplog.text
+
+
+def test_export_failures_give_one_line_and_leave_no_file(
+    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import napari_lvunet.export as onnx_export
+
+    out = tmp_path / "m.safetensors"
+    args = ["--checkpoint", str(run / "best.pt"), "--out", str(out), "--onnx"]
+
+    def broken(model: LVUNet, path: Path, **kwargs: object) -> Path:
+        raise RuntimeError("the exporter broke")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", broken)
+    assert export_mod.main(args) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: ONNX export failed, nothing was written: the exporter broke"
+    ]
+    assert list(tmp_path.iterdir()) == []  # so a rerun is not refused
+
+    def someone_else_writes_the_onnx(model: LVUNet, path: Path, **kwargs: object) -> Path:
+        out.with_suffix(".onnx").write_text("theirs")
+        Path(path).write_bytes(b"graph")
+        return Path(path)
+
+    monkeypatch.setattr(onnx_export, "export_onnx", someone_else_writes_the_onnx)
+    assert export_mod.main(args) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: ") and "m.onnx appeared while exporting" in line
+    assert out.with_suffix(".onnx").read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # the weights removed
 
 
 def test_export_refuses_a_checkpoint_before_act_learn_reaches_one(
@@ -457,6 +531,49 @@ def test_evaluate_checkpoint_reports_fused_and_unfused(run: Path, dataset: Path)
     assert set(rows) == {"unfused", "fused"} and len(rows["fused"]) == 2
     for a, b in zip(rows["fused"], rows["unfused"], strict=True):
         assert a["stem"] == b["stem"] and a["dice"] == pytest.approx(b["dice"], abs=1e-3)
+    # The run's val split (seed 3), not a seed-0 one.
+    assert [r["stem"] for r in rows["fused"]] == json.loads((run / "splits.json").read_text())[
+        "val"
+    ]
+
+
+def test_evaluate_uses_the_split_the_checkpoint_records(
+    run: Path, dataset: Path, tmp_path: Path
+) -> None:
+    _with_split(run, tmp_path / "stored.pt", ["img03", "img06", "img07"])
+    rows = evaluate_mod.evaluate(dataset, tmp_path / "stored.pt", split="val")
+    assert [r["stem"] for r in rows["unfused"]] == ["img03", "img06", "img07"]
+    # Another dataset is split by its own splits.json.
+    other = shutil.copytree(dataset, tmp_path / "other")
+    splits = {"train": ["img00", "img01"], "val": ["img03"], "test": ["img02"]}
+    (other / "splits.json").write_text(json.dumps(splits))
+    rows = evaluate_mod.evaluate(other, tmp_path / "stored.pt", split="test")
+    assert [r["stem"] for r in rows["unfused"]] == ["img02"]
+    # Checkpoints without stem lists: the split is drawn with the run's seed and fraction.
+    ckpt = load_checkpoint(run / "best.pt")
+    ckpt["dataset"] = {"name": "ds", "splits": {"train": "train", "val": "val"}}
+    ckpt["config"]["val_fraction"] = 0.5
+    torch.save(ckpt, tmp_path / "old.pt")
+    stems = [p.stem for p in find_pairs(dataset)]
+    expected = resolve_splits(dataset, stems, seed=3, val_fraction=0.5)["val"]
+    assert expected != resolve_splits(dataset, stems, seed=0)["val"]
+    rows = evaluate_mod.evaluate(dataset, tmp_path / "old.pt", split="val")
+    assert [r["stem"] for r in rows["unfused"]] == expected
+
+
+def test_write_csv_is_atomic_and_never_overwrites(tmp_path: Path) -> None:
+    rows = {"fused": [{"stem": "a", **dict.fromkeys(METRIC_NAMES, 0.5)}]}
+    taken = tmp_path / "taken.csv"
+    taken.write_text("keep me")
+    with pytest.raises(FileExistsError):
+        evaluate_mod.write_csv(taken, rows)
+    assert taken.read_text() == "keep me"
+    written = evaluate_mod.write_csv(tmp_path / "new.csv", rows)
+    assert written.read_text().splitlines() == [
+        "model,stem,dice,iou,precision,recall",
+        "fused,a,0.5,0.5,0.5,0.5",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.csv", "taken.csv"]
 
 
 # -------------------------------------------------------------------------- fine-tune
@@ -482,10 +599,20 @@ def mixed_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_finetune_writes_weights_the_plugin_loads_and_runs(
-    run: Path, mixed_folder: Path, tmp_path: Path
+    run: Path,
+    mixed_folder: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     from napari_lvunet.inference import Segmenter
 
+    # An unrelated checkpoint already holds the name the weights would get: neither
+    # file of the pair may take it, and it is left alone.
+    monkeypatch.setattr(finetune_mod, "time", types.SimpleNamespace(strftime=lambda fmt: "T"))
+    (tmp_path / "out").mkdir()
+    taken = tmp_path / "out" / "lvunet-finetuned-corrections-T.pt"
+    taken.write_bytes(b"someone's checkpoint")
     calls: list[tuple[int, int, dict]] = []
     path = finetune(
         mixed_folder,
@@ -503,9 +630,24 @@ def test_finetune_writes_weights_the_plugin_loads_and_runs(
     assert meta["metrics"]["heldout_after"]["dice"] == pytest.approx(calls[-1][2]["heldout_dice"])
     assert len(meta["dataset"]["heldout_images"]) == 1 and meta["train_size"] == [SIZE, SIZE]
     assert path.with_suffix(".pt").is_file()  # unfused, to fine-tune again from
+    assert path.name == "lvunet-finetuned-corrections-T-2.safetensors"
+    assert taken.read_bytes() == b"someone's checkpoint"
     image = np.asarray(Image.open(mixed_folder / "images" / "img00.png"))
     labels = Segmenter(loaded, device="cpu", backend="torch").segment(image)
     assert labels.shape == image.shape[:2]
+
+    # Fine-tuning again from the weights (what the widget passes) starts from their .pt.
+    with caplog.at_level(logging.INFO, logger="training.finetune"):
+        model, _, base = finetune_mod._load_start(path)
+    assert not model.fused and base["checkpoint"] == path.with_suffix(".pt").name
+    assert f"starting from the unfused checkpoint {path.with_suffix('.pt')}" in caplog.text
+    # ... but not from a .pt that does not fuse to exactly those weights.
+    other = shutil.copy(path, tmp_path / "other.safetensors")
+    ckpt = load_checkpoint(path.with_suffix(".pt"))
+    ckpt["model"]["head.weight"] += 0.01
+    torch.save(ckpt, tmp_path / "other.pt")
+    model, _, base = finetune_mod._load_start(other)
+    assert model.fused and base["name"] == "other"
 
 
 def test_finetune_from_fused_weights_and_cli(

@@ -14,13 +14,15 @@ the training size, which is what inference's resize policy feeds the network.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,6 +42,7 @@ __all__ = [
     "read_array",
     "resize_mask",
     "resolve_splits",
+    "split_digest",
 ]
 
 logger = logging.getLogger(__name__)
@@ -168,6 +171,29 @@ def resolve_splits(
             "to splits.json"
         )
     return splits
+
+
+def split_digest(splits: Mapping[str, Sequence[str]]) -> dict[str, dict[str, Any]]:
+    """Counts and SHA-256 of each split's stems: a compact record of which images it holds.
+
+    Exported weights store this instead of the stem lists; the same digest of a
+    dataset's split (:func:`resolve_splits`) shows whether it is the split a model was
+    trained and selected on.
+
+    Args:
+        splits: Stem lists by split name.
+
+    Returns:
+        ``{"counts": {split: n}, "sha256": {split: hex digest of the sorted stems, one
+        per line}}``.
+    """
+    return {
+        "counts": {k: len(v) for k, v in splits.items()},
+        "sha256": {
+            k: hashlib.sha256("\n".join(sorted(v)).encode("utf-8")).hexdigest()
+            for k, v in splits.items()
+        },
+    }
 
 
 def read_array(path: Path, *, mask: bool = False) -> np.ndarray:

@@ -15,6 +15,12 @@ reports. Empty masks: see :mod:`training.metrics` (both empty -> Dice 1 and IoU 
 ``--weights`` is a registry name, a fused ``.safetensors`` file, or a training checkpoint
 (``.pt``, read with ``weights_only=True``); a checkpoint at ``act_learn == 1`` is
 evaluated both unfused (as trained) and fused (as deployed), and the two must agree.
+
+The train / val split of a checkpoint is the one its run used: the stem lists stored in
+the checkpoint, or (for checkpoints from before they were stored) the run's seed and
+validation fraction, so a folder without ``splits.json`` is split as in training. Fused
+weights carry the seed and fraction of their run, and a digest of each split: a split
+that does not match it is reported with a warning.
 """
 
 from __future__ import annotations
@@ -25,18 +31,20 @@ import io
 import logging
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from napari_lvunet._io import atomic_write
 from napari_lvunet.model import LVUNet, reparameterize_model
 from napari_lvunet.preprocess import normalize, resize
 
 from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from .data import DatasetError, Pair, find_pairs, load_pair, resolve_splits
+from .data import DatasetError, Pair, find_pairs, load_pair, resolve_splits, split_digest
 from .metrics import METRIC_NAMES, segmentation_metrics
 
 __all__ = [
@@ -47,6 +55,7 @@ __all__ = [
     "format_table",
     "load_models",
     "select_pairs",
+    "split_options",
     "summarize",
     "write_csv",
 ]
@@ -62,19 +71,61 @@ class EvaluationError(ValueError):
 
 @dataclass
 class Models:
-    """Models to evaluate, by label (``"unfused"``, ``"fused"``), and their input size."""
+    """Models to evaluate, by label (``"unfused"``, ``"fused"``), their input size, and
+    how their run split its data.
+
+    Attributes:
+        split: Keyword arguments for :func:`select_pairs` (``seed``, ``val_fraction``,
+            ``splits``) that reproduce the run's split (see :func:`split_options`).
+        split_sha256: Per-split digests recorded in fused weights
+            (:func:`training.data.split_digest`), if any.
+    """
 
     models: dict[str, LVUNet]
     train_size: tuple[int, int]
     source: str
+    split: dict[str, Any]
+    split_sha256: dict[str, str] | None = None
 
 
-def load_models(weights: str | Path) -> Models:
+def split_options(ckpt: Mapping[str, Any], data: str | Path | None = None) -> dict[str, Any]:
+    """The :func:`select_pairs` keyword arguments that reproduce a checkpoint's split.
+
+    Args:
+        ckpt: A training checkpoint (or anything with its ``config`` and ``dataset``).
+        data: The folder to be split. The stored stem lists are only used for the
+            folder the run trained on (same folder name); another dataset (evaluating
+            on a second one) is split by its own ``splits.json``.
+
+    Returns:
+        ``seed`` and ``val_fraction`` of the run, and ``splits``: the stem lists the
+        checkpoint stores, or ``None`` for checkpoints that predate them (the split is
+        then drawn again from the seed and fraction, as training drew it).
+    """
+    cfg = ckpt.get("config") or {}
+    dataset = ckpt.get("dataset") or {}
+    stored = dataset.get("splits")
+    splits = None
+    if isinstance(stored, Mapping) and all(isinstance(v, list) for v in stored.values()):
+        splits = {str(k): [str(s) for s in v] for k, v in stored.items()}
+    name = dataset.get("name")
+    if splits is not None and data is not None and name and Path(data).resolve().name != name:
+        logger.info("%s is not the run's dataset %s: using its own split", data, name)
+        splits = None
+    return {
+        "seed": int(dataset.get("seed", cfg.get("seed", 0))),
+        "val_fraction": float(dataset.get("val_fraction", cfg.get("val_fraction", 0.2))),
+        "splits": splits,
+    }
+
+
+def load_models(weights: str | Path, data: str | Path | None = None) -> Models:
     """Load the model(s) behind ``--weights``.
 
     Args:
         weights: A training checkpoint (``.pt``), a ``.safetensors`` file or a registry
             name.
+        data: The dataset folder they will be evaluated on (see :func:`split_options`).
 
     Returns:
         ``unfused`` (and ``fused`` when ``act_learn == 1``) for a checkpoint; ``fused``
@@ -99,17 +150,36 @@ def load_models(weights: str | Path) -> Models:
                 unfused.act_learn,
             )
         size = ckpt["config"].get("size", (256, 256))
-        return Models(models, (int(size[0]), int(size[1])), str(weights))
+        split = split_options(ckpt, data)
+        return Models(models, (int(size[0]), int(size[1])), str(weights), split)
     from napari_lvunet.weights import WeightsError, load_model
 
     try:
         loaded = load_model(weights)
     except WeightsError as err:
         raise EvaluationError(str(err)) from err
-    return Models({"fused": loaded.model}, loaded.train_size, f"{loaded.name} ({loaded.path})")
+    dataset = loaded.metadata.get("dataset") or {}
+    recorded = dataset.get("split") or {}
+    split = split_options({"config": loaded.metadata.get("training") or {}, "dataset": recorded})
+    # The recorded digests describe the run's own dataset; another one differs anyway.
+    same_data = data is None or Path(data).resolve().name == dataset.get("name")
+    return Models(
+        {"fused": loaded.model},
+        loaded.train_size,
+        f"{loaded.name} ({loaded.path})",
+        split,
+        recorded.get("sha256") if same_data else None,
+    )
 
 
-def select_pairs(data: str | Path, split: str | None = None, *, seed: int = 0) -> list[Pair]:
+def select_pairs(
+    data: str | Path,
+    split: str | None = None,
+    *,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    splits: Mapping[str, Sequence[str]] | None = None,
+) -> list[Pair]:
     """The pairs of one split of a dataset folder.
 
     Args:
@@ -117,9 +187,13 @@ def select_pairs(data: str | Path, split: str | None = None, *, seed: int = 0) -
         split: ``train``, ``val``, ``test`` or ``all``; default ``test`` when the folder
             has a ``splits.json``, else ``all``.
         seed: Seed of the train/val split of folders without ``splits.json``.
+        val_fraction: Validation share of that split.
+        splits: Stem lists by split (a training run's, from its checkpoint): used
+            instead of ``splits.json`` or the seeded split.
 
     Raises:
-        DatasetError: If the folder is unusable or the split is empty.
+        DatasetError: If the folder is unusable, the split is empty, or ``splits``
+            names stems the folder lacks.
     """
     pairs = find_pairs(data)
     has_splits = (Path(data) / "splits.json").is_file()
@@ -128,15 +202,27 @@ def select_pairs(data: str | Path, split: str | None = None, *, seed: int = 0) -
         raise DatasetError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
     if split == "all":
         return pairs
-    if len(pairs) < 2 and not has_splits:
+    by_stem = {p.stem: p for p in pairs}
+    if splits is not None:
+        stems = list(splits.get(split, []))
+        missing = [s for s in stems if s not in by_stem]
+        if missing:
+            raise DatasetError(
+                f"the run's {split} split names {len(missing)} image(s) that {data} lacks "
+                f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}): evaluate "
+                "on the folder the run was trained on, or use --split all"
+            )
+    elif len(pairs) < 2 and not has_splits:
         raise DatasetError(f"{data} has one image and no splits.json: use --split all")
-    stems = resolve_splits(data, [p.stem for p in pairs], seed=seed)[split]
+    else:
+        stems = resolve_splits(data, [p.stem for p in pairs], seed=seed, val_fraction=val_fraction)[
+            split
+        ]
     if not stems:
         raise DatasetError(
             f"the {split} split of {data} is empty"
             + ("" if has_splits else " (no splits.json: only train/val exist; try --split all)")
         )
-    by_stem = {p.stem: p for p in pairs}
     return [by_stem[s] for s in stems]
 
 
@@ -209,6 +295,8 @@ def evaluate(
 ) -> dict[str, list[dict[str, float | str]]]:
     """Evaluate ``weights`` on a split of ``data`` (see the module docstring).
 
+    The split is drawn as the weights' training run drew it (:func:`split_options`).
+
     Returns:
         Per-image rows for each model label (``unfused`` / ``fused``).
 
@@ -216,8 +304,22 @@ def evaluate(
         DatasetError: If the data or split is unusable.
         EvaluationError: If the weights cannot be loaded.
     """
-    models = load_models(weights)
-    pairs = select_pairs(data, split)
+    models = load_models(weights, data)
+    pairs = select_pairs(data, split, **models.split)
+    split = split or ("test" if (Path(data) / "splits.json").is_file() else "all")
+    recorded = (models.split_sha256 or {}).get(split)
+    if (
+        recorded is not None
+        and split_digest({split: [p.stem for p in pairs]})["sha256"][split] != recorded
+    ):
+        logger.warning(
+            "the %s split of %s (%d images) is not the one recorded in %s: the metrics are "
+            "not comparable with the weights' own",
+            split,
+            data,
+            len(pairs),
+            models.source,
+        )
     return evaluate_pairs(
         models.models, pairs, models.train_size, device=device, batch_size=batch_size
     )
@@ -240,16 +342,22 @@ def format_table(rows: dict[str, list[dict[str, float | str]]]) -> str:
 
 
 def write_csv(path: str | Path, rows: dict[str, list[dict[str, float | str]]]) -> Path:
-    """Write one line per model and image: model, stem, dice, iou, precision, recall."""
+    """Write one line per model and image: model, stem, dice, iou, precision, recall.
+
+    The file is written atomically and never over an existing one.
+
+    Raises:
+        FileExistsError: If ``path`` exists.
+        OSError: If it cannot be written.
+    """
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["model", "stem", *METRIC_NAMES])
     writer.writeheader()
     for label, r in rows.items():
         for row in r:
             writer.writerow({"model": label, **row})
-    path = Path(path)
-    path.write_text(buf.getvalue())
-    return path
+    data = buf.getvalue().encode("utf-8")
+    return atomic_write(path, lambda f: f.write(data), overwrite=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -296,7 +404,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{args.weights} on {args.data} [{split}], per-image means ± std:")
     print(format_table(rows))
     if args.csv:
-        print(f"per-image metrics: {write_csv(args.csv, rows)}")
+        try:
+            print(f"per-image metrics: {write_csv(args.csv, rows)}")
+        except OSError as err:  # FileExistsError: created since the check above
+            print(f"error: cannot write {args.csv}: {err}", file=sys.stderr)
+            return 2
     return 0
 
 

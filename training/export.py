@@ -10,10 +10,17 @@ The checkpoint (read with ``torch.load(weights_only=True)``) must be from the fu
 phase of deep training (``act_learn == 1``; ``best.pt`` always is). The model is fused,
 checked against the unfused one (atol 1e-4), and written with
 :func:`napari_lvunet.weights.save_weights`; the metadata holds the architecture, the
-training resolution and normalisation, the dataset and split names, the validation
+training resolution and normalisation, the dataset and its split (the run's seed and
+validation fraction, and the count and SHA-256 of each split's stems), the validation
 metrics of the checkpoint, optionally test metrics at the original resolution, the
 training code version and config. ``--onnx`` writes the same fused model through
 :func:`napari_lvunet.export.export_onnx`, which checks ONNX Runtime against PyTorch.
+
+Splits are the run's own (the stems its checkpoint stores, or its seed and validation
+fraction for older checkpoints), so ``--test-split val`` scores the images the run
+validated on. Both files are built and checked in a scratch folder first and only then
+moved under their names: a failed export leaves no file behind, and never replaces one
+without ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -22,17 +29,19 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from napari_lvunet._io import atomic_write
 from napari_lvunet.model import LVUNet, reparameterize_model
 
 from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from .data import CachedSegmentationDataset, DatasetError, find_pairs, resolve_splits
-from .evaluate import evaluate_pairs, select_pairs, summarize
+from .data import CachedSegmentationDataset, DatasetError, split_digest
+from .evaluate import evaluate_pairs, select_pairs, split_options, summarize
 
 __all__ = ["ExportError", "check_fusion", "export_checkpoint", "main", "weights_metadata"]
 
@@ -76,7 +85,16 @@ def check_fusion(
 def weights_metadata(
     ckpt: dict[str, Any], test_metrics: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """The metadata stored with the exported weights (beyond what save_weights derives)."""
+    """The metadata stored with the exported weights (beyond what save_weights derives).
+
+    Args:
+        ckpt: A training checkpoint.
+        test_metrics: Metrics of a test split, stored under ``metrics.test``.
+
+    Returns:
+        Dataset and split record, training size, metrics, epoch, code version and the
+        training config (with the dataset's name in place of its local path).
+    """
     cfg = dict(ckpt["config"])
     dataset = dict(ckpt.get("dataset") or {})
     name = dataset.get("name") or Path(str(cfg.get("data", ""))).name
@@ -93,8 +111,17 @@ def weights_metadata(
     if test_metrics is not None:
         metrics["test"] = test_metrics
     size = cfg.get("size", (256, 256))
+    split = split_options(ckpt)
+    record: dict[str, Any] = {"seed": split["seed"], "val_fraction": split["val_fraction"]}
+    if split["splits"] is not None:  # older checkpoints do not store their stems
+        record.update(split_digest(split["splits"]))
     return {
-        "dataset": {"name": name, "train_split": "train", "selection_split": "val"},
+        "dataset": {
+            "name": name,
+            "train_split": "train",
+            "selection_split": "val",
+            "split": record,
+        },
         "train_size": [int(size[0]), int(size[1])],
         "metrics": metrics,
         "epoch": int(ckpt["epoch"]),
@@ -133,8 +160,10 @@ def export_checkpoint(
         A summary: ``out``, ``onnx``, ``fusion_max_abs_diff``, ``metadata``.
 
     Raises:
-        ExportError: If the checkpoint cannot be exported or an output exists.
+        ExportError: If the checkpoint cannot be exported, the ONNX export fails, or an
+            output exists (nothing is written then).
         DatasetError: If ``test_split`` cannot be read from the dataset.
+        OSError: If an output cannot be written (a full disk, no permission).
     """
     from napari_lvunet.export import export_onnx
     from napari_lvunet.weights import load_model, save_weights
@@ -159,25 +188,21 @@ def export_checkpoint(
     meta = weights_metadata(ckpt)
     size = tuple(meta["train_size"])
     data_dir = data or ckpt["config"]["data"]
+    split = split_options(ckpt, data_dir)
     if recalibrate_bn > 0:
         from .train import recalibrate_batchnorm
 
-        pairs = find_pairs(data_dir)
-        splits = resolve_splits(
-            data_dir, [p.stem for p in pairs], seed=ckpt["config"].get("seed", 0)
-        )
-        by_stem = {p.stem: p for p in pairs}
-        images = CachedSegmentationDataset(
-            [by_stem[s] for s in splits["train"][:recalibrate_bn]], size
-        ).images
+        train_pairs = select_pairs(data_dir, "train", **split)[:recalibrate_bn]
+        images = CachedSegmentationDataset(train_pairs, size).images
         recalibrate_batchnorm(
             model, images, size, batch_size=int(ckpt["config"].get("batch_size", 8))
         )
-        rows = evaluate_pairs({"m": model}, [by_stem[s] for s in splits["val"]], size)["m"]
+        rows = evaluate_pairs({"m": model}, select_pairs(data_dir, "val", **split), size)["m"]
         s = summarize(rows)
         meta["metrics"]["val"] = {
             "dice": s["dice"],
             "iou": s["iou"],
+            "n": len(rows),
             "note": "per-image mean at the original resolution, after re-estimating the "
             f"BatchNorm statistics on {len(images)} train images",
         }
@@ -185,7 +210,7 @@ def export_checkpoint(
     fused = reparameterize_model(model)
     diff = check_fusion(model, fused, size)
     if test_split is not None:
-        pairs = select_pairs(data_dir, test_split)
+        pairs = select_pairs(data_dir, test_split, **split)
         rows = evaluate_pairs({"fused": fused}, pairs, size)["fused"]
         s = summarize(rows)
         meta["metrics"][test_split] = {
@@ -193,22 +218,54 @@ def export_checkpoint(
             "n": len(rows),
             "note": "per-image mean at the original resolution, threshold 0.5",
         }
-    path = save_weights(model, out, meta, overwrite=overwrite)
-    # Read the file back the way the plugin will and check it computes what was trained.
-    loaded = load_model(path)
-    reload_diff = check_fusion(model, loaded.model, size, seed=1, what=f"reloaded {path.name}")
-    onnx_path = None
-    if onnx is not None:
-        onnx_path = export_onnx(
-            model, onnx, metadata={"napari_lvunet": json.dumps(loaded.metadata, sort_keys=True)}
-        )
+    with tempfile.TemporaryDirectory(prefix="lvunet-export-") as scratch:
+        staged = save_weights(model, Path(scratch) / out.name, meta)
+        # Read the file back the way the plugin will and check it computes what was trained.
+        loaded = load_model(staged)
+        reload_diff = check_fusion(model, loaded.model, size, seed=1, what=f"reloaded {out.name}")
+        outputs = [(staged, out)]
+        if onnx is not None:
+            try:
+                staged_onnx = export_onnx(
+                    model,
+                    Path(scratch) / "model.onnx",
+                    metadata={"napari_lvunet": json.dumps(loaded.metadata, sort_keys=True)},
+                )
+            except (RuntimeError, ValueError) as err:
+                raise ExportError(f"ONNX export failed, nothing was written: {err}") from err
+            outputs.append((staged_onnx, Path(onnx)))
+        for _, dest in outputs:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        _move_outputs(outputs, overwrite=overwrite)
     return {
-        "out": path,
+        "out": out,
         "sha256": loaded.sha256,
-        "onnx": onnx_path,
+        "onnx": Path(onnx) if onnx is not None else None,
         "fusion_max_abs_diff": max(diff, reload_diff),
         "metadata": loaded.metadata,
     }
+
+
+def _move_outputs(outputs: list[tuple[Path, Path]], *, overwrite: bool) -> None:
+    # All or nothing: when one output cannot be put in place (a file of that name
+    # appeared since the first check, a full disk), the ones this call wrote are removed.
+    written: list[Path] = []
+    try:
+        for staged, dest in outputs:
+            data = staged.read_bytes()
+            try:
+                atomic_write(dest, lambda f, data=data: f.write(data), overwrite=overwrite)
+            except FileExistsError as err:
+                raise ExportError(
+                    f"{dest} appeared while exporting; nothing was written (choose another "
+                    "name or pass --overwrite)"
+                ) from err
+            written.append(dest)
+    except BaseException:
+        if not overwrite:  # without overwrite, every file written here is a new one
+            for path in written:
+                path.unlink(missing_ok=True)
+        raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -266,6 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except (ExportError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk or a read-only folder
+        print(f"error: cannot write the export: {err}", file=sys.stderr)
         return 2
     print(f"fused weights: {result['out']} (sha256 {result['sha256']})")
     print(f"fused vs unfused max |logit difference|: {result['fusion_max_abs_diff']:.2e}")

@@ -13,10 +13,14 @@ on which the Dice is reported before and after. With a ``splits.json`` in the fo
 The start is a training checkpoint (``.pt``, unfused, read with ``weights_only=True``)
 when given, else fused weights (a registry name or a ``.safetensors`` file), which are
 fine-tuned directly: the fused network has no BatchNorm in its blocks, only
-convolutions. From a checkpoint the BatchNorms keep their running statistics (frozen),
-since a handful of images cannot estimate them. The result is written as fused
+convolutions. A ``.safetensors`` file with a ``.pt`` of the same name beside it (what an
+earlier fine-tune wrote) starts from that unfused checkpoint instead, provided it fuses
+to exactly the file's weights (the ``tensors_sha256`` of its metadata). From a
+checkpoint the BatchNorms keep their running statistics (frozen), since a handful of
+images cannot estimate them. The result is written as fused
 ``.safetensors`` that the plugin's "Load weights from file" opens (plus, from a
-checkpoint, an unfused ``.pt`` to fine-tune again from), never over an existing file.
+checkpoint, an unfused ``.pt`` of the same name to fine-tune again from), under a name
+that neither file has yet; nothing existing is ever overwritten.
 
 The napari widget calls :func:`finetune` from a worker thread, with ``progress`` and
 ``cancel``.
@@ -36,13 +40,13 @@ from typing import Any, Protocol
 import torch
 from torch.utils.data import DataLoader
 
-from napari_lvunet.model import LVUNet
+from napari_lvunet._io import atomic_write
+from napari_lvunet.model import LVUNet, reparameterize_model
 from napari_lvunet.preprocess import normalize
 
 from .checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
-    atomic_save,
     load_checkpoint,
     model_from_checkpoint,
 )
@@ -100,38 +104,74 @@ def split_heldout(
     return sorted(order[n_hold:], key=lambda p: p.stem), hold
 
 
+def _start_from_checkpoint(
+    path: Path, ckpt: dict[str, Any], model: LVUNet
+) -> tuple[LVUNet, tuple[int, int], dict[str, Any]]:
+    if model.act_learn != 1.0:
+        raise FinetuneError(
+            f"{path} is at act_learn={model.act_learn:.4f}: fine-tune from a checkpoint "
+            "of the final act_learn = 1 phase (best.pt), or from fused weights"
+        )
+    size = ckpt["config"].get("size", (256, 256))
+    base = {"checkpoint": path.name, "epoch": int(ckpt["epoch"])}
+    return model, (int(size[0]), int(size[1])), base
+
+
+def _matching_checkpoint(weights: Path) -> tuple[dict[str, Any], LVUNet] | None:
+    """The unfused ``.pt`` beside fused weights, if it fuses to exactly those weights."""
+    from napari_lvunet.weights import WeightsError, read_metadata, tensors_sha256
+
+    sibling = weights.with_suffix(".pt")
+    if weights.suffix != ".safetensors" or not sibling.is_file():
+        return None
+    try:
+        recorded = read_metadata(weights)["tensors_sha256"]
+        ckpt = load_checkpoint(sibling)  # weights_only=True
+        model = model_from_checkpoint(ckpt)
+        fused = reparameterize_model(model)  # ValueError unless act_learn == 1
+    except (CheckpointError, WeightsError, ValueError, RuntimeError) as err:
+        logger.info("not starting from %s: %s", sibling, err)
+        return None
+    # Hashed as save_weights hashes the tensors it writes.
+    tensors = {k: v.detach().to("cpu", torch.float32) for k, v in fused.state_dict().items()}
+    if tensors_sha256(tensors) != recorded:
+        logger.info("not starting from %s: it does not fuse to the weights of %s", sibling, weights)
+        return None
+    return ckpt, model
+
+
 def _load_start(weights: str | Path) -> tuple[LVUNet, tuple[int, int], dict[str, Any]]:
     if str(weights).endswith(".pt"):
         try:
             ckpt = load_checkpoint(weights)
         except CheckpointError as err:
             raise FinetuneError(str(err)) from err
-        model = model_from_checkpoint(ckpt)
-        if model.act_learn != 1.0:
-            raise FinetuneError(
-                f"{weights} is at act_learn={model.act_learn:.4f}: fine-tune from a checkpoint "
-                "of the final act_learn = 1 phase (best.pt), or from fused weights"
-            )
-        size = ckpt["config"].get("size", (256, 256))
-        base = {"checkpoint": Path(weights).name, "epoch": int(ckpt["epoch"])}
-        return model, (int(size[0]), int(size[1])), base
+        return _start_from_checkpoint(Path(weights), ckpt, model_from_checkpoint(ckpt))
+    # Fine-tuning the unfused network keeps its BatchNorms and training branches, as
+    # training had them; the widget passes the fused file, so look for its .pt here.
+    match = _matching_checkpoint(Path(weights))
+    if match is not None:
+        sibling = Path(weights).with_suffix(".pt")
+        logger.info("starting from the unfused checkpoint %s (fuses to %s)", sibling, weights)
+        return _start_from_checkpoint(sibling, *match)
     from napari_lvunet.weights import WeightsError, load_model
 
     try:
         loaded = load_model(weights)
     except WeightsError as err:
         raise FinetuneError(str(err)) from err
+    logger.info("starting from the fused weights %s", loaded.path)
     base = {"name": loaded.name, "sha256": loaded.sha256}
     return loaded.model, loaded.train_size, base
 
 
-def _free_path(folder: Path, stem: str, suffix: str) -> Path:
-    path = folder / f"{stem}{suffix}"
-    n = 2
-    while path.exists():
-        path = folder / f"{stem}-{n}{suffix}"
+def _free_stem(folder: Path, stem: str, suffixes: Sequence[str]) -> str:
+    """``stem``, or ``stem-2``, ``stem-3`` ...: the first for which no suffix exists."""
+    candidate, n = stem, 2
+    while any((folder / f"{candidate}{suffix}").exists() for suffix in suffixes):
+        candidate = f"{stem}-{n}"
         n += 1
-    return path
+    return candidate
 
 
 def _heldout_dice(
@@ -262,7 +302,9 @@ def finetune(
     model = model.cpu().float().eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"lvunet-finetuned-{data_dir.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path = _free_path(out_dir, stem, ".safetensors")
+    # One name free for both files, so that the .pt beside the weights is their own.
+    stem = _free_stem(out_dir, stem, (".safetensors", ".pt"))
+    path = out_dir / f"{stem}.safetensors"
     metadata = {
         "train_size": list(size),
         "dataset": {
@@ -281,22 +323,20 @@ def finetune(
     save_weights(model, path, metadata)
     if not model.fused:
         ckpt_path = path.with_suffix(".pt")
-        atomic_save(
-            {
-                "format": CHECKPOINT_FORMAT,
-                "model": model.state_dict(),
-                "model_config": model.config,
-                "epoch": epochs,
-                "act_learn": 1.0,
-                "metrics": {"heldout_dice": after},
-                "config": {
-                    "size": list(size),
-                    "data": data_dir.resolve().name,
-                    "finetune": metadata,
-                },
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "model": model.state_dict(),
+            "model_config": model.config,
+            "epoch": epochs,
+            "act_learn": 1.0,
+            "metrics": {"heldout_dice": after},
+            "config": {
+                "size": list(size),
+                "data": data_dir.resolve().name,
+                "finetune": metadata,
             },
-            ckpt_path,
-        )
+        }
+        atomic_write(ckpt_path, lambda f: torch.save(payload, f), overwrite=False)
         logger.info("unfused checkpoint (to fine-tune again from): %s", ckpt_path)
     logger.info("held-out Dice %.4f -> %.4f; fused weights written to %s", before, after, path)
     return path

@@ -23,8 +23,9 @@ the model the last epochs train is the one that fuses exactly.
 The run folder receives ``config.json`` (resolved config), ``splits.json`` (the stems of
 each split), ``last.pt`` after every epoch, ``best.pt`` (best validation Dice among the
 fusible epochs, act_learn == 1, since only those can be exported unchanged), ``log.csv``
-and ``curves.png``. Checkpoints are written atomically and hold config, metrics, epoch
-and every state needed to resume exactly.
+and ``curves.png``. Checkpoints are written atomically and hold config, metrics, epoch,
+the stems of each split (with the seed and validation fraction that drew them) and
+every state needed to resume exactly.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ __all__ = [
     "ConfigError",
     "RunError",
     "TrainConfig",
+    "TrainingDiverged",
     "act_learn_at",
     "autocast_dtype",
     "cosine_lr",
@@ -100,6 +102,10 @@ class ConfigError(ValueError):
 
 class RunError(RuntimeError):
     """The run folder cannot be used (exists already, or has nothing to resume)."""
+
+
+class TrainingDiverged(RuntimeError):  # noqa: N818 - reads as what happened
+    """The loss became NaN or infinite; the last checkpoint written is untouched."""
 
 
 @dataclass
@@ -440,6 +446,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False) -> 
         RunError: If the run folder exists already (without ``resume``) or cannot be
             resumed.
         CheckpointError: If ``last.pt`` cannot be read on resume.
+        TrainingDiverged: If the loss becomes NaN or infinite.
     """
     cfg = config
     cfg.validate()
@@ -617,8 +624,8 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False) -> 
                 logits = net(x)
             loss = criterion(logits, y)
             if not torch.isfinite(loss):
-                raise RuntimeError(
-                    f"the loss became {float(loss)} at epoch {epoch + 1}, step {step + 1}: "
+                raise TrainingDiverged(
+                    f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: "
                     "training diverged (try a lower --lr, or --precision fp32); the last "
                     "good checkpoint is untouched"
                 )
@@ -691,9 +698,13 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False) -> 
                 "best_epoch": best_epoch,
                 "history": history,
                 "config": asdict(cfg),
+                # The stems of each split (as in splits.json), so that export and
+                # evaluate score exactly the images this run validated on.
                 "dataset": {
                     "name": data_root.resolve().name,
-                    "splits": {"train": "train", "val": "val"},
+                    "splits": splits,
+                    "seed": cfg.seed,
+                    "val_fraction": cfg.val_fraction,
                 },
                 "code_version": code_version(),
             }
@@ -855,7 +866,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg, run_dir, resume = _config_from_args(args)
         train(cfg, run_dir, resume=resume)
-    except (ConfigError, DatasetError, RunError, CheckpointError) as err:
+    except (ConfigError, DatasetError, RunError, CheckpointError, TrainingDiverged) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
