@@ -70,7 +70,7 @@ _CHANNEL_SIZES = (1, 3, 4)  # grayscale, RGB, RGBA
 _BACKENDS = ("auto", "onnxruntime", "torch")
 # Bumped whenever export_onnx changes the graph it writes, so that stale cached files
 # are never reused.
-_ONNX_CACHE_VERSION = 2
+_ONNX_CACHE_VERSION = 3
 # Largest CPU batch, in pixels (see Segmenter.segment's batch_size).
 _CPU_BATCH_PIXELS = 1 << 19
 

@@ -13,6 +13,7 @@ import torch
 from napari_lvunet import export
 from napari_lvunet.export import INPUT_NAME, OUTPUT_NAME, export_onnx, fused_cpu_copy
 from napari_lvunet.model import LVUNet, reparameterize_model
+from napari_lvunet.preprocess import normalize
 
 
 def randomize_batchnorms(model: LVUNet) -> None:
@@ -122,3 +123,51 @@ def test_fused_cpu_copy(unfused: LVUNet) -> None:
     with torch.inference_mode():
         torch.testing.assert_close(again(x), reference(x))
     assert export.MIN_OPSET == 17
+
+
+def test_fast_exporter_is_used_quietly(
+    unfused: LVUNet, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("INFO", "napari_lvunet"):
+        warnings.simplefilter("always")
+        path = export_onnx(unfused, tmp_path / "m.onnx", include_normalization=True)
+    assert "exported with the TorchScript ONNX exporter" in caplog.text
+    noisy = [
+        w for w in caught if issubclass(w.category, (DeprecationWarning, torch.jit.TracerWarning))
+    ]
+    assert noisy == [], [str(w.message) for w in noisy]
+    x = torch.rand(3, 3, 256, 384)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {INPUT_NAME: x.numpy()}
+    )[0]
+    with torch.inference_mode():
+        expected = unfused.eval()(normalize(x)).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_falls_back_to_the_torch_export_exporter(
+    unfused: LVUNet,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def unavailable(*args: object, **kwargs: object) -> bytes:
+        raise RuntimeError("no TorchScript exporter in this torch")
+
+    monkeypatch.setattr(export, "_export_torchscript", unavailable)
+    with caplog.at_level("INFO", "napari_lvunet"):
+        path = export_onnx(unfused, tmp_path / "m.onnx", metadata={"weights": "test"})
+    assert "no TorchScript exporter in this torch" in caplog.text
+    assert "exported with the torch.export-based ONNX exporter" in caplog.text
+    proto = onnx.load(path)
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert all(d.dim_param for d in (dims[0], dims[2], dims[3]))
+    assert {p.key: p.value for p in proto.metadata_props}["weights"] == "test"
+    x = torch.randn(1, 3, 128, 256)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {INPUT_NAME: x.numpy()}
+    )[0]
+    with torch.inference_mode():
+        np.testing.assert_allclose(got, unfused.eval()(x).numpy(), atol=1e-4, rtol=1e-4)

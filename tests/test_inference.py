@@ -203,7 +203,9 @@ def test_onnxruntime_and_torch_give_the_same_labels(
     image = disk_image(300, 420, seed=5)
     lab_o, p_o = ort_seg.segment(image, sizing=sizing, return_probabilities=True)
     lab_t, p_t = torch_seg.segment(image, sizing=sizing, return_probabilities=True)
-    np.testing.assert_allclose(p_o, p_t, atol=1e-5)
+    # float32 rounding of two runtimes on logits up to ~50: ~1e-5 in probability (the
+    # TorchScript-exported graph measured 1.03e-5, the torch.export one 8e-6).
+    np.testing.assert_allclose(p_o, p_t, atol=2e-5)
     decided = np.abs(p_t - 0.5) > 1e-4  # where 1e-8 float differences cannot flip a label
     np.testing.assert_array_equal(lab_o[decided], lab_t[decided])
     assert 0.05 < lab_t.mean() < 0.95, "the test model should give both labels"
