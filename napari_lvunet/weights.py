@@ -161,7 +161,25 @@ class LoadedModel:
 # Models known to the plugin. The default model's fused weights are added here (bundled)
 # by the training run that produces them: file in napari_lvunet/_weights, sha256 from
 # file_sha256(), meta with dataset, split, resolution, test metrics and licence.
-_ENTRIES: tuple[ModelEntry, ...] = ()
+_ENTRIES: tuple[ModelEntry, ...] = (
+    ModelEntry(
+        name="lvunet-kvasir-seg",
+        filename="lvunet-kvasir-seg.safetensors",
+        sha256="fb85230e829460bc11469e8330f026e55bb4b62ab44a38003a3a3c88163cc06d",
+        description="LV-UNet trained on Kvasir-SEG polyps, 256x256 (docs/MODEL_CARD.md)",
+        bundled=True,
+        meta=MappingProxyType(
+            {
+                "dataset": "Kvasir-SEG (Jha et al., MMM 2020)",
+                "split": "splits.json: trained on train (640), selected on val (160)",
+                "resolution": (256, 256),
+                "metrics": MappingProxyType({"test_dice": 0.7912, "test_iou": 0.6923}),
+                "licence": "weights derive from Kvasir-SEG: research and educational use; "
+                "commercial use needs the dataset authors' permission",
+            }
+        ),
+    ),
+)
 
 
 def registry() -> dict[str, ModelEntry]:

@@ -24,6 +24,7 @@ from torch import nn
 from napari_lvunet import __version__
 from napari_lvunet.model import LVUNet, reparameterize_model
 from napari_lvunet.weights import (
+    DEFAULT_MODEL,
     FORMAT_VERSION,
     LoadedModel,
     ModelEntry,
@@ -521,3 +522,13 @@ def test_download_reports_progress_to_a_given_bar(
     fetch_weights("remote", registry=models, progressbar=bar)
     size = weights_file.stat().st_size
     assert bar.total == size and bar.done == size and bar.closed
+
+
+def test_default_model_is_bundled_and_loads_offline() -> None:
+    # The plugin must segment on first use without a network (closed hospital networks).
+    assert DEFAULT_MODEL in registry()
+    entry = registry()[DEFAULT_MODEL]
+    assert entry.bundled and is_available_offline(DEFAULT_MODEL)
+    loaded = load_model(DEFAULT_MODEL)
+    assert loaded.sha256 == entry.sha256
+    assert loaded.metadata["act_learn"] == 1.0
