@@ -18,9 +18,9 @@ Run on a display (headless: ``xvfb-run -a``)::
     xvfb-run -a python benchmarks/bench_widget.py --weights my.safetensors --repeats 30
 
 Without ``--weights`` the registry's default model is used, or, before it is bundled, a
-random LV-UNet (timing does not depend on the weights' values). A background training run
-whose pid is in ``/tmp/kvasir_train.pid`` is paused (SIGSTOP) while timing, and always
-resumed (SIGCONT); one that is already stopped is left as it is.
+random LV-UNet (timing does not depend on the weights' values). ``--pause-pid-file FILE``
+names a background job (a training run, say) to pause (SIGSTOP) while timing; it is always
+resumed (SIGCONT), and one that is already stopped is left as it is.
 """
 
 from __future__ import annotations
@@ -38,13 +38,14 @@ from pathlib import Path
 
 import numpy as np
 
-PID_FILE = Path("/tmp/kvasir_train.pid")
-
 
 @contextlib.contextmanager
-def paused_training(pid_file: Path = PID_FILE) -> Iterator[None]:
-    """SIGSTOP the process named in ``pid_file`` (if any) and always SIGCONT it after."""
+def paused_training(pid_file: Path | None) -> Iterator[None]:
+    """SIGSTOP the process named in ``pid_file`` (if given) and always SIGCONT it after."""
     pid = None
+    if pid_file is None:
+        yield
+        return
     with contextlib.suppress(OSError, ValueError, IndexError):
         candidate = int(pid_file.read_text().strip())
         state = Path(f"/proc/{candidate}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -100,6 +101,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--size", type=int, default=1024, help="click benchmark image side")
     parser.add_argument("--preview-size", type=int, default=512)
+    parser.add_argument(
+        "--pause-pid-file",
+        type=Path,
+        help="file holding the pid of a background job to pause while timing",
+    )
     args = parser.parse_args(argv)
 
     import napari
@@ -112,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rng = np.random.default_rng(0)
     rows: list[tuple[str, str, list[tuple[float, float, float]], list[float]]] = []
-    with tempfile.TemporaryDirectory() as tmp, paused_training():
+    with tempfile.TemporaryDirectory() as tmp, paused_training(args.pause_pid_file):
         key, described = _weights(args, Path(tmp))
         viewer = napari.Viewer(title="bench")
         widget = LVUNetWidget(viewer)
