@@ -49,7 +49,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from ._io import atomic_write
-from .model import LVUNet, reparameterize_model
+from .model import SIZE_DIVISOR, LVUNet, reparameterize_model
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, TRAIN_SIZE
 
 __all__ = [
@@ -651,6 +651,9 @@ def _check_metadata(metadata: Any, path: Path) -> None:
     size = metadata.get("train_size")
     if not (isinstance(size, list) and len(size) == 2 and all(map(_is_positive_int, size))):
         raise bad(f"train_size is {size!r}, expected [height, width]")
+    if any(side % SIZE_DIVISOR for side in size):
+        # Checked here, not first when a segmenter is built: a file that loads must run.
+        raise bad(f"train_size is {size!r}; LV-UNet needs multiples of {SIZE_DIVISOR}")
     norm = metadata.get("normalization")
     if not (
         isinstance(norm, dict)

@@ -281,6 +281,7 @@ def test_changed_values_with_valid_layout_are_rejected(weights_file: Path, tmp_p
         (lambda m: m["architecture"].update(in_chans=1), "in_chans"),
         (lambda m: m.update(act_learn=0.5), "act_learn"),
         (lambda m: m.update(train_size="256"), "train_size"),
+        (lambda m: m.update(train_size=[200, 200]), "multiples of 128"),
         (lambda m: m["normalization"].update(mean=[0.5, 0.5, 0.5]), "normalization"),
         (lambda m: m.pop("tensors_sha256"), "tensors_sha256"),
     ],
