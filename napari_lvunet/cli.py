@@ -98,7 +98,9 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
         from PIL import Image
 
         with Image.open(path) as img:
-            if img.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+            if img.mode in ("LA", "1"):  # grey + alpha, 1-bit: grey, as training reads them
+                img = img.convert("L")
+            elif img.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
                 img = img.convert(
                     "RGBA" if "A" in img.mode or "transparency" in img.info else "RGB"
                 )

@@ -130,6 +130,16 @@ def test_tiff_stack_gives_a_tiff_mask(weights_file: Path, tmp_path: Path) -> Non
     assert not (tmp_path / "stack_overlay.png").exists()
 
 
+@pytest.mark.parametrize("mode", ["LA", "1"])
+def test_grey_alpha_and_one_bit_pngs_read_as_grey(mode: str, tmp_path: Path) -> None:
+    # Read as (H, W, 2) an LA file would pass for a stack of H slices of W x 2 pixels.
+    grey = disk_image(64, 80, 0)[..., 0]
+    path = tmp_path / f"{mode}.png"
+    Image.fromarray(grey).convert(mode).save(path)
+    image = cli.read_image(path)
+    assert image.shape == (64, 80) and image.dtype == np.uint8
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
