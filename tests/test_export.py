@@ -9,22 +9,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from lvunet_test_helpers import randomize_batchnorms
 
 from napari_lvunet import export
 from napari_lvunet.export import INPUT_NAME, OUTPUT_NAME, export_onnx, fused_cpu_copy
 from napari_lvunet.model import LVUNet, reparameterize_model
 from napari_lvunet.preprocess import normalize
-
-
-def randomize_batchnorms(model: LVUNet) -> None:
-    """Non-trivial BatchNorm statistics and affine parameters, so fusion has work to do."""
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.5, 0.5)
 
 
 @pytest.fixture(scope="module")

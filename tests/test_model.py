@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from lvunet_test_helpers import randomize_batchnorms
 from torch import nn
 from torchvision.models import MobileNet_V3_Large_Weights
 
@@ -28,19 +29,6 @@ RTOL = 1e-4
 
 UNFUSED_PARAMS = 934_545
 FUSED_PARAMS = 510_985
-
-
-def randomize_batchnorms(module: nn.Module, seed: int = 0) -> None:
-    """Give every BatchNorm non-trivial running statistics and affine parameters."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(0.2 * torch.randn(n, generator=gen))
-                m.running_var.copy_(torch.empty(n).uniform_(0.5, 2.0, generator=gen))
-                m.weight.copy_(torch.empty(n).uniform_(0.5, 1.5, generator=gen))
-                m.bias.copy_(0.2 * torch.randn(n, generator=gen))
 
 
 def count_params(model: nn.Module) -> int:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from lvunet_test_helpers import randomize_batchnorms
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from napari_lvunet import __version__
 from napari_lvunet.model import LVUNet, reparameterize_model
@@ -45,24 +45,11 @@ SIZE = 128
 CALLER_META = {"dataset": "tiny-test", "split": {"train": ["a", "b"]}, "metrics": {"dice": 0.5}}
 
 
-def _randomize(model: nn.Module) -> None:
-    """Non-trivial BatchNorm statistics, so that a wrong fold would change outputs."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(0.2 * torch.randn(n, generator=gen))
-                m.running_var.copy_(torch.empty(n).uniform_(0.5, 2.0, generator=gen))
-                m.weight.copy_(torch.empty(n).uniform_(0.5, 1.5, generator=gen))
-                m.bias.copy_(0.2 * torch.randn(n, generator=gen))
-
-
 @pytest.fixture(scope="module")
 def trained() -> LVUNet:
     """An unfused model at the end of deep training (act_learn == 1)."""
     model = LVUNet()
-    _randomize(model)
+    randomize_batchnorms(model)
     model.set_act_learn(1.0)
     return model.eval()
 
