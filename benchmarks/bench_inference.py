@@ -62,7 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from napari_lvunet.inference import Segmenter, _bf16_supported  # noqa: E402
+from napari_lvunet.inference import Segmenter, bf16_supported  # noqa: E402
 from napari_lvunet.model import LVUNet, reparameterize_model  # noqa: E402
 
 SIZES = (256, 512, 1024)
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads,
         }
         kinds = [k for k in MODEL_CASES if k != "authors_deploy" or args.authors_repo]
-        if not _bf16_supported("cpu"):
+        if not bf16_supported("cpu"):
             kinds.remove("fused_bf16")
         kinds += ["e2e_tiles", "e2e_resize"]
         latency: dict[int, Any] = {}

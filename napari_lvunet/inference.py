@@ -52,6 +52,7 @@ from .preprocess import TRAIN_SIZE, normalize, resize, to_unit_rgb
 __all__ = [
     "SegmentationCancelled",
     "Segmenter",
+    "bf16_supported",
     "infer_axes",
     "resolve_device",
     "segment",
@@ -93,16 +94,18 @@ class _LoadedModelLike(Protocol):
 # --------------------------------------------------------------------------- device
 
 
-def resolve_device(device: str = "auto") -> str:
+def resolve_device(device: str = "auto", *, strict: bool = False) -> str:
     """Pick the device to run on.
 
     Args:
         device: ``"auto"`` (CUDA, then Apple MPS, then CPU), ``"cuda"``, ``"cuda:N"``,
             ``"mps"`` or ``"cpu"``.
+        strict: Raise instead of falling back to the CPU when the GPU asked for is
+            missing (training: hours on the CPU are not a silent fallback).
 
     Returns:
         The device that will be used. A GPU that was asked for but is not available
-        gives ``"cpu"`` and a ``RuntimeWarning``.
+        gives ``"cpu"`` and a ``RuntimeWarning`` (a ``ValueError`` when ``strict``).
 
     Raises:
         ValueError: If ``device`` is not one of the forms above.
@@ -119,22 +122,23 @@ def resolve_device(device: str = "auto") -> str:
     if name == "mps":
         if _mps_available():
             return "mps"
-        warnings.warn("Apple MPS is not available here; running on the CPU", RuntimeWarning, 2)
-        return "cpu"
+        return _fall_back("Apple MPS is not available here", strict)
     if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
         if not torch.cuda.is_available():
-            warnings.warn("no CUDA GPU is available; running on the CPU", RuntimeWarning, 2)
-            return "cpu"
+            return _fall_back("no CUDA GPU is available", strict)
         if name != "cuda" and int(name[5:]) >= torch.cuda.device_count():
-            warnings.warn(
-                f"{name} does not exist ({torch.cuda.device_count()} CUDA devices); "
-                "running on the CPU",
-                RuntimeWarning,
-                2,
+            return _fall_back(
+                f"{name} does not exist ({torch.cuda.device_count()} CUDA devices)", strict
             )
-            return "cpu"
         return name
     raise ValueError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+
+
+def _fall_back(problem: str, strict: bool) -> str:
+    if strict:
+        raise ValueError(problem)
+    warnings.warn(f"{problem}; running on the CPU", RuntimeWarning, 3)
+    return "cpu"
 
 
 def _mps_available() -> bool:
@@ -142,14 +146,18 @@ def _mps_available() -> bool:
     return bool(mps is not None and mps.is_available())
 
 
-def _bf16_supported(device: str) -> bool:
+def bf16_supported(device: str) -> bool:
+    """Whether ``device`` (a :func:`resolve_device` result) runs bfloat16 natively.
+
+    On the CPU that needs AVX512-BF16 or AMX instructions; elsewhere oneDNN emulates bf16
+    and is slower than float32.
+    """
     if device.startswith("cuda"):
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.isbf16_supported()
     if device == "cpu":
-        # oneDNN's bf16 kernels need AVX512-BF16 / AMX; elsewhere bf16 is emulated and slow.
-        return bool(
-            torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        )
+        cpu = torch.cpu
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(cpu, probe, lambda: False)() for probe in probes)
     return device == "mps"
 
 
@@ -469,7 +477,7 @@ class Segmenter:
         self.onnx_path: Path | None = None
 
         fusible = model.fused or model.act_learn == 1.0
-        if bf16 and not _bf16_supported(self.device):
+        if bf16 and not bf16_supported(self.device):
             warnings.warn(
                 f"bf16 is not supported on this {self.device}; running in float32",
                 RuntimeWarning,
@@ -577,7 +585,7 @@ class Segmenter:
         if self._requested_backend == "auto" and self._model.fused:
             self._runner = self._ort_runner(strict=False)
         else:
-            self._runner = _TorchRunner(self._model, "cpu", self.bf16 and _bf16_supported("cpu"))
+            self._runner = _TorchRunner(self._model, "cpu", self.bf16 and bf16_supported("cpu"))
         self.backend = "onnxruntime" if isinstance(self._runner, _OrtRunner) else "torch"
 
     def _logits(self, batch: np.ndarray) -> np.ndarray:

@@ -244,7 +244,7 @@ def test_unfused_model_at_one_is_fused_on_a_copy(model: LVUNet, torch_seg: Segme
 
 def test_bf16(model: LVUNet, torch_seg: Segmenter) -> None:
     image = disk_image(256, 256, seed=3)
-    if inference._bf16_supported("cpu"):
+    if inference.bf16_supported("cpu"):
         seg = Segmenter(model, device="cpu", bf16=True)
         assert seg.backend == "torch" and seg.bf16
         _, p16 = seg.segment(image, return_probabilities=True)

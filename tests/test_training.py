@@ -719,3 +719,14 @@ def test_two_process_gloo_ddp_run(dataset: Path, tmp_path: Path) -> None:
 def test_config_rejects_sizes_the_network_cannot_take() -> None:
     with pytest.raises(train_mod.ConfigError, match="multiples of 128"):
         TrainConfig(data="x", size=(200, 200)).validate()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_training_refuses_a_missing_gpu_instead_of_running_on_the_cpu() -> None:
+    assert (
+        train_mod.select_device("auto") == torch.device("cpu") or torch.backends.mps.is_available()
+    )
+    with pytest.raises(train_mod.ConfigError, match="--device cuda: no CUDA GPU is available"):
+        train_mod.select_device("cuda")
+    with pytest.raises(train_mod.ConfigError, match="unknown device 'tpu'"):
+        train_mod.select_device("tpu")

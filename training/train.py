@@ -53,6 +53,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from napari_lvunet._io import atomic_write
+from napari_lvunet.inference import bf16_supported, resolve_device
 from napari_lvunet.model import SIZE_DIVISOR, LVUNet
 from napari_lvunet.preprocess import TRAIN_SIZE, normalize, resize
 from napari_lvunet.weights import code_version
@@ -182,26 +183,18 @@ def cosine_lr(step: int, total_steps: int, lr: float, min_lr: float) -> float:
 
 
 def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """Resolve ``auto`` to CUDA, then MPS, then CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but CUDA is not available")
-    return device
+    """The training device: :func:`~napari_lvunet.inference.resolve_device`, strictly.
 
-
-def _cpu_has_bf16() -> bool:
-    cpu = torch.cpu
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        fn = getattr(cpu, probe, None)
-        if fn is not None and fn():
-            return True
-    return False
+    A GPU asked for but missing is a :class:`ConfigError` rather than a fallback to
+    the CPU; ``auto`` on a CUDA machine picks this process's GPU (``local_rank``).
+    """
+    try:
+        resolved = resolve_device(name, strict=True)
+    except ValueError as err:
+        raise ConfigError(f"--device {name}: {err}") from err
+    if resolved == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(resolved)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -218,7 +211,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return torch.float16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and _cpu_has_bf16():
+    if device.type == "cpu" and bf16_supported("cpu"):
         return torch.bfloat16
     return None
 
