@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
             if time.monotonic() > deadline:
                 raise SystemExit("segmentation did not finish within 5 minutes")
             time.sleep(0.02)
-        # Toasts about this machine's setup (napari's PyQt5 deprecation notice) would
+        # Toasts about this machine's setup (napari's notices about the Qt backend) would
         # cover the canvas: close them, found by class name through public Qt calls.
         for toast in QApplication.allWidgets():
             if type(toast).__name__ == "NapariQtNotification":

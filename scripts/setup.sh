@@ -26,7 +26,8 @@ TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
 
 # What napari's Qt window and vispy's OpenGL canvas need on a headless machine: an X
 # server (Xvfb), Mesa's software OpenGL, and the X/xcb libraries Qt's xcb platform
-# plugin loads. Checked against `ldd` of PyQt5's Qt libraries and plugins.
+# plugin loads. Checked against `ldd` of PyQt6's Qt libraries and plugins
+# (libxcb-cursor0 is new in Qt 6.5; only Qt's unused multimedia/Wayland parts lack libs).
 APT_PACKAGES=(
     xvfb xauth
     libgl1-mesa-dri libglx-mesa0 libegl1 libgl1
