@@ -1,10 +1,14 @@
-"""Atomic file writes: the one way the project puts a file on disk.
+"""File I/O shared by the plugin, the CLI and training: atomic writes, one image reader.
 
 Weights, ONNX graphs, CLI masks, training checkpoints and saved correction pairs all go
 through :func:`atomic_write`: the bytes go to a temporary file in the target's folder,
 are flushed and fsynced, and only then is the file moved under its real name. A crash or
 an error at any moment leaves the old file (or none), never half a file, and the
-temporary file is always removed. No Qt, no torch: safe to import anywhere.
+temporary file is always removed.
+
+:func:`read_image` is the one decoder of image files, so that the CLI, the sample data
+and the training data see the same pixels for the same file. No Qt, no torch: safe to
+import anywhere.
 """
 
 from __future__ import annotations
@@ -16,9 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_write"]
+import numpy as np
+
+__all__ = ["TIFF_SUFFIXES", "atomic_write", "read_image"]
 
 logger = logging.getLogger(__name__)
+
+TIFF_SUFFIXES = (".tif", ".tiff")
 
 
 def atomic_write(
@@ -104,3 +112,42 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+def read_image(path: str | os.PathLike[str], *, mask: bool = False) -> np.ndarray:
+    """Decode an image file into the array napari would hold.
+
+    TIFFs are read with tifffile, so 16-bit, float and multi-page stacks survive as
+    stored. Everything else goes through Pillow: palette images become RGB (RGBA when
+    they carry transparency), or their indices when ``mask`` is set (a palette mask's
+    indices are its label values); 1-bit and grey+alpha images become grey; CMYK, YCbCr,
+    LAB and HSV become RGB.
+
+    Args:
+        path: The file.
+        mask: Read a mask (see above).
+
+    Returns:
+        The pixel array as decoded: ``(H, W)``, ``(H, W, 3|4)`` or a TIFF's own shape.
+
+    Raises:
+        Exception: Whatever the decoder raises for a missing or undecodable file; the
+            callers turn it into their own error naming the file.
+    """
+    path = Path(path)
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        import tifffile
+
+        return np.asarray(tifffile.imread(path))
+    from PIL import Image
+
+    with Image.open(path) as img:
+        if img.mode in ("P", "PA") and mask:
+            img = img.getchannel(0)
+        elif img.mode in ("P", "PA"):
+            img = img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB")
+        elif img.mode in ("1", "LA"):
+            img = img.convert("L")
+        elif img.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+            img = img.convert("RGB")
+        return np.asarray(img)

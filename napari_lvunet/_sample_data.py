@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tifffile
-from PIL import Image
+
+from ._io import read_image
 
 __all__ = ["SAMPLE_DIR", "polyp", "polyp_stack"]
 
@@ -25,14 +25,8 @@ _ATTRIBUTION = "Kvasir-SEG test split (Jha et al., MMM 2020); see sample_data/RE
 LayerDataTuple = tuple[np.ndarray, dict[str, Any], str]
 
 
-def _read_rgb(path: Path) -> np.ndarray:
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"))
-
-
 def _read_mask(path: Path) -> np.ndarray:
-    with Image.open(path) as img:
-        return (np.asarray(img.convert("L")) > 0).astype(np.uint8)
+    return (read_image(path, mask=True) > 0).astype(np.uint8)
 
 
 def polyp() -> list[LayerDataTuple]:
@@ -42,7 +36,7 @@ def polyp() -> list[LayerDataTuple]:
         Two napari layer-data tuples: the RGB image (``"polyp"``) and the mask as a Labels
         layer (``"polyp ground truth"``, hidden so the model's result is what one sees).
     """
-    image = _read_rgb(SAMPLE_DIR / f"kvasir_{_POLYP_ID}.jpg")
+    image = read_image(SAMPLE_DIR / f"kvasir_{_POLYP_ID}.jpg")
     mask = _read_mask(SAMPLE_DIR / f"kvasir_{_POLYP_ID}_mask.png")
     meta = {"source": _ATTRIBUTION, "id": _POLYP_ID}
     return [
@@ -58,8 +52,8 @@ def polyp_stack() -> list[LayerDataTuple]:
         Two napari layer-data tuples: the ``(5, 256, 320, 3)`` RGB stack (``"polyp stack"``)
         and the ``(5, 256, 320)`` ground truth as a hidden Labels layer.
     """
-    stack = tifffile.imread(SAMPLE_DIR / "kvasir_stack5.tif")
-    masks = tifffile.imread(SAMPLE_DIR / "kvasir_stack5_masks.tif").astype(np.uint8)
+    stack = read_image(SAMPLE_DIR / "kvasir_stack5.tif")
+    masks = read_image(SAMPLE_DIR / "kvasir_stack5_masks.tif").astype(np.uint8)
     meta = {"source": _ATTRIBUTION}
     return [
         (stack, {"name": "polyp stack", "rgb": True, "metadata": meta}, "image"),

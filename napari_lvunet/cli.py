@@ -34,13 +34,13 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from ._io import atomic_write
+from ._io import read_image as read_image_file
 
 __all__ = ["main", "read_image", "sample_image_path", "segment_file"]
 
 logger = logging.getLogger(__name__)
 
 _PROG = "napari-lvunet"
-_TIFF_SUFFIXES = (".tif", ".tiff")
 # Overlay colours: outline of every object, over a translucent fill.
 _OUTLINE_RGB = (255, 255, 0)
 _FILL_ALPHA = 0.35
@@ -91,20 +91,7 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     if not path.is_file():
         raise CLIError(f"not a file: {path}")
     try:
-        if path.suffix.lower() in _TIFF_SUFFIXES:
-            import tifffile
-
-            return np.asarray(tifffile.imread(path))
-        from PIL import Image
-
-        with Image.open(path) as img:
-            if img.mode in ("LA", "1"):  # grey + alpha, 1-bit: grey, as training reads them
-                img = img.convert("L")
-            elif img.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
-                img = img.convert(
-                    "RGBA" if "A" in img.mode or "transparency" in img.info else "RGB"
-                )
-            return np.asarray(img)
+        return read_image_file(path)
     except Exception as err:  # Pillow and tifffile raise many types for a bad file
         raise CLIError(f"cannot read {path} as an image: {err}") from err
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from napari_lvunet._io import read_image
 from napari_lvunet.preprocess import resize, to_unit_rgb
 
 __all__ = [
@@ -208,21 +209,7 @@ def read_array(path: Path, *, mask: bool = False) -> np.ndarray:
         DatasetError: If the file cannot be decoded or is not a 2-D image.
     """
     try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            array = np.asarray(tifffile.imread(path))
-        else:
-            from PIL import Image
-
-            with Image.open(path) as im:
-                if im.mode in ("P", "PA"):  # palette: indices for masks, colours for images
-                    im = im.getchannel(0) if mask else im.convert("RGB")
-                elif im.mode in ("1", "LA"):
-                    im = im.convert("L")
-                elif im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
-                    im = im.convert("RGB")
-                array = np.asarray(im)
+        array = read_image(path, mask=mask)
     except Exception as err:  # any decoder failure is the file's fault: say which file
         raise DatasetError(f"cannot read {path}: {err}") from err
     if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
