@@ -37,7 +37,7 @@ from training.data import (
     resolve_splits,
     split_digest,
 )
-from training.finetune import FinetuneCancelled, finetune
+from training.finetune import FinetuneCancelled, FinetuneError, finetune
 from training.losses import BCEDiceLoss
 from training.metrics import METRIC_NAMES, segmentation_metrics
 from training.train import TrainConfig, act_learn_at
@@ -293,17 +293,18 @@ def test_an_existing_run_folder_is_never_overwritten(
     assert (out / "notes.txt").read_text() == "keep me"
 
 
+class _NanLoss(torch.nn.Module):
+    def __init__(self, bce_weight: float) -> None:
+        super().__init__()
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return logits.mean() * float("nan")
+
+
 def test_diverged_training_gives_one_clear_line(
     dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    class NanLoss(torch.nn.Module):
-        def __init__(self, bce_weight: float) -> None:
-            super().__init__()
-
-        def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            return logits.mean() * float("nan")
-
-    monkeypatch.setattr(train_mod, "BCEDiceLoss", NanLoss)
+    monkeypatch.setattr(train_mod, "BCEDiceLoss", _NanLoss)
     assert train_mod.main(_train_args(dataset, tmp_path / "r", "--epochs", "1")) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(errors) == 1 and errors[0].startswith("error: the loss became nan")
@@ -680,6 +681,15 @@ def test_finetune_cancel_stops_and_writes_nothing(
     cancel.set()
     with pytest.raises(FinetuneCancelled, match="nothing was written"):
         finetune(mixed_folder, run / "best.pt", tmp_path / "out", epochs=3, cancel=cancel)
+    assert not (tmp_path / "out").exists()
+
+
+def test_diverged_finetune_says_so_and_writes_nothing(
+    run: Path, dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(finetune_mod, "BCEDiceLoss", _NanLoss)
+    with pytest.raises(FinetuneError, match="the loss became nan: lower --lr"):
+        finetune(dataset, run / "best.pt", tmp_path / "out", epochs=1)
     assert not (tmp_path / "out").exists()
 
 

@@ -53,8 +53,7 @@ from .checkpoint import (
 from .data import Augment, CachedSegmentationDataset, DatasetError, Pair, find_pairs
 from .evaluate import evaluate_pairs, summarize
 from .losses import BCEDiceLoss
-from .metrics import segmentation_metrics
-from .train import autocast_dtype, select_device
+from .train import TrainingDiverged, autocast_dtype, optimisation_step, select_device
 
 __all__ = ["FinetuneCancelled", "FinetuneError", "finetune", "main", "split_heldout"]
 
@@ -273,18 +272,20 @@ def finetune(
         for x, y in loader:
             cancelled(f"in epoch {epoch + 1}")
             x, y = normalize(x.to(dev)), y.to(dev)
-            with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                logits = model(x)
-            loss = criterion(logits, y)
-            if not torch.isfinite(loss):
-                raise FinetuneError(f"the loss became {float(loss)}: lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            try:
+                loss, dice = optimisation_step(
+                    model,
+                    x,
+                    y,
+                    criterion=criterion,
+                    optimizer=optimizer,
+                    scaler=scaler,
+                    dtype=dtype,
+                )
+            except TrainingDiverged as err:
+                raise FinetuneError(f"{err}: lower --lr") from None
             scheduler.step()
-            dice = segmentation_metrics(logits.detach().float() > 0, y > 0.5)["dice"]
-            loss_sum += loss.item() * len(x)
+            loss_sum += loss * len(x)
             dice_sum += float(dice.sum())
             seen += len(x)
         cancelled(f"after epoch {epoch + 1}")

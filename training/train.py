@@ -84,6 +84,7 @@ __all__ = [
     "autocast_dtype",
     "cosine_lr",
     "main",
+    "optimisation_step",
     "recalibrate_batchnorm",
     "select_device",
     "train",
@@ -287,6 +288,47 @@ def validate(
         sums["iou"] += float(m["iou"].sum())
         sums["n"] += len(x)
     return sums
+
+
+def optimisation_step(
+    net: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    criterion: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    dtype: torch.dtype | None,
+) -> tuple[float, torch.Tensor]:
+    """One step of training and fine-tuning: forward (autocast), loss, backward, update.
+
+    Args:
+        net: The network, in train mode, on ``x``'s device.
+        x: Normalised images ``(N, 3, H, W)``.
+        y: Masks ``(N, 1, H, W)`` in {0, 1}.
+        criterion: The loss.
+        optimizer: Steps the parameters; its learning rate is set by the caller.
+        scaler: Gradient scaler (enabled for float16 autocast only).
+        dtype: Autocast dtype, or ``None`` for float32.
+
+    Returns:
+        The batch's loss and its per-image training Dice.
+
+    Raises:
+        TrainingDiverged: If the loss is NaN or infinite (nothing is updated then).
+    """
+    with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        logits = net(x)
+    loss = criterion(logits, y)
+    if not torch.isfinite(loss):
+        raise TrainingDiverged(f"the loss became {loss.item()}")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    with torch.no_grad():
+        dice = segmentation_metrics(logits.detach().float() > 0, y > 0.5)["dice"]
+    return loss.item(), dice
 
 
 @torch.no_grad()
@@ -611,27 +653,19 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False) -> 
                 break
             x = normalize(x.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
             y = y.to(device, non_blocking=True)
-            with torch.autocast(
-                device.type, dtype=dtype or torch.float32, enabled=dtype is not None
-            ):
-                logits = net(x)
-            loss = criterion(logits, y)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: "
-                    "training diverged (try a lower --lr, or --precision fp32); the last "
-                    "good checkpoint is untouched"
-                )
             lr = cosine_lr(epoch * steps + step, total_steps, cfg.lr, cfg.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            with torch.no_grad():
-                dice = segmentation_metrics(logits.detach().float() > 0, y > 0.5)["dice"]
-            loss_sum += loss.item() * len(x)
+            try:
+                loss, dice = optimisation_step(
+                    net, x, y, criterion=criterion, optimizer=optimizer, scaler=scaler, dtype=dtype
+                )
+            except TrainingDiverged as err:
+                raise TrainingDiverged(
+                    f"{err} at epoch {epoch + 1}, step {step + 1}: training diverged (try a "
+                    "lower --lr, or --precision fp32); the last good checkpoint is untouched"
+                ) from None
+            loss_sum += loss * len(x)
             dice_sum += float(dice.sum())
             seen += len(x)
             bar.update()
