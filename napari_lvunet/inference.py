@@ -153,7 +153,7 @@ def bf16_supported(device: str) -> bool:
     and is slower than float32.
     """
     if device.startswith("cuda"):
-        return torch.cuda.isbf16_supported()
+        return torch.cuda.is_bf16_supported()
     if device == "cpu":
         cpu = torch.cpu
         probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")

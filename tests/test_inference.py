@@ -242,6 +242,16 @@ def test_unfused_model_at_one_is_fused_on_a_copy(model: LVUNet, torch_seg: Segme
     assert not model.fused
 
 
+@pytest.mark.parametrize("supported", [True, False])
+def test_bf16_support_on_cuda_is_torchs_answer(
+    supported: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No GPU here: the CUDA branch is checked against a stand-in for torch's own probe.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: supported)
+    assert inference.bf16_supported("cuda") is supported
+    assert inference.bf16_supported("cuda:1") is supported
+
+
 def test_bf16(model: LVUNet, torch_seg: Segmenter) -> None:
     image = disk_image(256, 256, seed=3)
     if inference.bf16_supported("cpu"):

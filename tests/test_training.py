@@ -740,3 +740,13 @@ def test_training_refuses_a_missing_gpu_instead_of_running_on_the_cpu() -> None:
         train_mod.select_device("cuda")
     with pytest.raises(train_mod.ConfigError, match="unknown device 'tpu'"):
         train_mod.select_device("tpu")
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_auto_precision_on_cuda_follows_bf16_support(
+    supported: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No GPU here: torch's probe is replaced; bf16 where supported, else fp16 + scaling.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: supported)
+    expected = torch.bfloat16 if supported else torch.float16
+    assert train_mod.autocast_dtype("auto", torch.device("cuda", 0)) == expected

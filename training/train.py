@@ -211,7 +211,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "fp16":
         return torch.float16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if bf16_supported("cuda") else torch.float16
     if device.type == "cpu" and bf16_supported("cpu"):
         return torch.bfloat16
     return None
