@@ -66,6 +66,7 @@ __all__ = [
     "code_version",
     "fetch_weights",
     "file_sha256",
+    "file_tensors",
     "is_available_offline",
     "load_model",
     "read_metadata",
@@ -454,6 +455,18 @@ def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def file_tensors(fused: LVUNet) -> dict[str, torch.Tensor]:
+    """The tensors a weights file holds for a fused model: float32, on the CPU, by name.
+
+    Their :func:`tensors_sha256` is the ``tensors_sha256`` that :func:`save_weights`
+    records, so a model can be matched against a file without writing one.
+    """
+    return {
+        key: value.detach().to("cpu", torch.float32).contiguous()
+        for key, value in fused.state_dict().items()
+    }
+
+
 def save_weights(
     model: LVUNet,
     path: str | os.PathLike[str],
@@ -499,10 +512,7 @@ def save_weights(
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
 
     fused = model if model.fused else reparameterize_model(model)  # ValueError if act_learn<1
-    tensors = {
-        key: value.detach().to("cpu", torch.float32).contiguous()
-        for key, value in fused.state_dict().items()
-    }
+    tensors = file_tensors(fused)
     meta: dict[str, Any] = {
         "train_size": list(TRAIN_SIZE),
         "code_version": code_version(),

@@ -116,9 +116,9 @@ def _start_from_checkpoint(
     return model, (int(size[0]), int(size[1])), base
 
 
-def _matching_checkpoint(weights: Path) -> tuple[dict[str, Any], LVUNet] | None:
+def _matching_checkpoint(weights: Path) -> tuple[Path, dict[str, Any], LVUNet] | None:
     """The unfused ``.pt`` beside fused weights, if it fuses to exactly those weights."""
-    from napari_lvunet.weights import WeightsError, read_metadata, tensors_sha256
+    from napari_lvunet.weights import WeightsError, file_tensors, read_metadata, tensors_sha256
 
     sibling = weights.with_suffix(".pt")
     if weights.suffix != ".safetensors" or not sibling.is_file():
@@ -131,12 +131,10 @@ def _matching_checkpoint(weights: Path) -> tuple[dict[str, Any], LVUNet] | None:
     except (CheckpointError, WeightsError, ValueError, RuntimeError) as err:
         logger.info("not starting from %s: %s", sibling, err)
         return None
-    # Hashed as save_weights hashes the tensors it writes.
-    tensors = {k: v.detach().to("cpu", torch.float32) for k, v in fused.state_dict().items()}
-    if tensors_sha256(tensors) != recorded:
+    if tensors_sha256(file_tensors(fused)) != recorded:
         logger.info("not starting from %s: it does not fuse to the weights of %s", sibling, weights)
         return None
-    return ckpt, model
+    return sibling, ckpt, model
 
 
 def _load_start(weights: str | Path) -> tuple[LVUNet, tuple[int, int], dict[str, Any]]:
@@ -150,9 +148,8 @@ def _load_start(weights: str | Path) -> tuple[LVUNet, tuple[int, int], dict[str,
     # training had them; the widget passes the fused file, so look for its .pt here.
     match = _matching_checkpoint(Path(weights))
     if match is not None:
-        sibling = Path(weights).with_suffix(".pt")
-        logger.info("starting from the unfused checkpoint %s (fuses to %s)", sibling, weights)
-        return _start_from_checkpoint(sibling, *match)
+        logger.info("starting from the unfused checkpoint %s (fuses to %s)", match[0], weights)
+        return _start_from_checkpoint(*match)
     from napari_lvunet.weights import WeightsError, load_model
 
     try:
