@@ -50,6 +50,7 @@ from .metrics import METRIC_NAMES, segmentation_metrics
 __all__ = [
     "EvaluationError",
     "Models",
+    "default_split",
     "evaluate",
     "evaluate_pairs",
     "format_table",
@@ -172,6 +173,11 @@ def load_models(weights: str | Path, data: str | Path | None = None) -> Models:
     )
 
 
+def default_split(data: str | Path) -> str:
+    """``test`` for a folder with a ``splits.json``, else ``all``."""
+    return "test" if (Path(data) / "splits.json").is_file() else "all"
+
+
 def select_pairs(
     data: str | Path,
     split: str | None = None,
@@ -197,7 +203,7 @@ def select_pairs(
     """
     pairs = find_pairs(data)
     has_splits = (Path(data) / "splits.json").is_file()
-    split = split or ("test" if has_splits else "all")
+    split = split or default_split(data)
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
     if split == "all":
@@ -305,8 +311,8 @@ def evaluate(
         EvaluationError: If the weights cannot be loaded.
     """
     models = load_models(weights, data)
+    split = split or default_split(data)
     pairs = select_pairs(data, split, **models.split)
-    split = split or ("test" if (Path(data) / "splits.json").is_file() else "all")
     recorded = (models.split_sha256 or {}).get(split)
     if (
         recorded is not None
@@ -400,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DatasetError, EvaluationError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    split = args.split or ("test" if (Path(args.data) / "splits.json").is_file() else "all")
+    split = args.split or default_split(args.data)
     print(f"{args.weights} on {args.data} [{split}], per-image means ± std:")
     print(format_table(rows))
     if args.csv:
