@@ -170,6 +170,16 @@ def _wait_idle(qtbot, widget, timeout: int = 60_000) -> None:
     qtbot.waitUntil(lambda: not widget.busy, timeout=timeout)
 
 
+def _start_live_preview(viewer, widget, qtbot, step: int):
+    """Show slice ``step`` of the "vol" layer, turn live preview on, return its first result."""
+    viewer.dims.set_current_step(0, step)
+    widget.threshold.value = 0.05  # a random network: make sure slices get foreground
+    widget.live.value = True
+    qtbot.waitUntil(lambda: "vol labels" in viewer.layers, timeout=60_000)
+    _wait_idle(qtbot, widget)
+    return viewer.layers["vol labels"]
+
+
 def _labels_layers(viewer) -> list:
     from napari.layers import Labels
 
@@ -305,12 +315,7 @@ def test_live_preview_segments_displayed_slice_and_skips_edited(viewer_widget, q
     viewer, widget = viewer_widget
     data = np.random.default_rng(4).integers(0, 256, (5, 128, 128), dtype=np.uint8)
     viewer.add_image(data, name="vol")
-    viewer.dims.set_current_step(0, 1)
-    widget.threshold.value = 0.05  # a random network: make sure slices get foreground
-    widget.live.value = True
-    qtbot.waitUntil(lambda: "vol labels" in viewer.layers, timeout=60_000)
-    _wait_idle(qtbot, widget)
-    layer = viewer.layers["vol labels"]
+    layer = _start_live_preview(viewer, widget, qtbot, step=1)
     assert layer.data[1].any() and not layer.data[[0, 2, 3, 4]].any()
 
     viewer.dims.set_current_step(0, 3)
@@ -432,12 +437,7 @@ def test_live_preview_after_image_data_resized(viewer_widget, qtbot, notes) -> N
     rng = np.random.default_rng(9)
     image = viewer.add_image(rng.integers(0, 256, (3, 128, 128), dtype=np.uint8), name="vol")
     resized = rng.integers(0, 256, (2, 128, 192), dtype=np.uint8)
-    viewer.dims.set_current_step(0, 1)
-    widget.threshold.value = 0.05  # a random network: make sure slices get foreground
-    widget.live.value = True
-    qtbot.waitUntil(lambda: "vol labels" in viewer.layers, timeout=60_000)
-    _wait_idle(qtbot, widget)
-    old = viewer.layers["vol labels"]
+    old = _start_live_preview(viewer, widget, qtbot, step=1)
     before = old.data.copy()
     image.data = resized
     viewer.dims.set_current_step(0, 0)
