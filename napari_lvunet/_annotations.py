@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ._io import atomic_write
+from .io import atomic_write
 from .preprocess import to_unit_rgb
 
 __all__ = [

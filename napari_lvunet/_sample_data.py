@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ._io import read_image
+from .io import read_image
 
 __all__ = ["SAMPLE_DIR", "polyp", "polyp_stack"]
 

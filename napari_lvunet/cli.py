@@ -33,8 +33,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from ._io import atomic_write
-from ._io import read_image as read_image_file
+from .io import atomic_write
+from .io import read_image as read_image_file
 
 __all__ = ["main", "read_image", "sample_image_path", "segment_file"]
 

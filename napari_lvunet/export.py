@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._io import atomic_write
+from .io import atomic_write
 from .model import SIZE_DIVISOR, LVUNet, reparameterize_model
 from .preprocess import normalize
 

@@ -48,7 +48,7 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from ._io import atomic_write
+from .io import atomic_write
 from .model import SIZE_DIVISOR, LVUNet, reparameterize_model
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, TRAIN_SIZE
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from napari_lvunet._io import atomic_write
+from napari_lvunet.io import atomic_write
 
 
 def _names(folder):

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from napari_lvunet._io import atomic_write
+from napari_lvunet.io import atomic_write
 from napari_lvunet.model import LVUNet
 
 __all__ = [

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from napari_lvunet._io import read_image
+from napari_lvunet.io import read_image
 from napari_lvunet.preprocess import resize, to_unit_rgb
 
 __all__ = [

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from napari_lvunet._io import atomic_write
+from napari_lvunet.io import atomic_write
 from napari_lvunet.model import LVUNet, reparameterize_model
 from napari_lvunet.preprocess import normalize, resize
 

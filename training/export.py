@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from napari_lvunet._io import atomic_write
+from napari_lvunet.io import atomic_write
 from napari_lvunet.model import LVUNet, reparameterize_model
 
 from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint

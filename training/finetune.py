@@ -40,7 +40,7 @@ from typing import Any, Protocol
 import torch
 from torch.utils.data import DataLoader
 
-from napari_lvunet._io import atomic_write
+from napari_lvunet.io import atomic_write
 from napari_lvunet.model import LVUNet, reparameterize_model
 from napari_lvunet.preprocess import normalize
 
