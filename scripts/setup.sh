@@ -2,7 +2,8 @@
 # Set up everything napari-lvunet needs, idempotently, on Debian/Ubuntu:
 #   1. the Debian packages for Qt + OpenGL under Xvfb (skipped when present),
 #   2. a virtual environment in .venv with torch, torchvision and this package
-#      installed editable with its [qt,test] extras (skipped when up to date).
+#      installed editable with its [all,test] extras: everything, training and the
+#      test tools included (skipped when up to date).
 #
 #   bash scripts/setup.sh
 #
@@ -155,9 +156,9 @@ fi
 pip=("$VPY" -m pip install --quiet --no-input --progress-bar off)
 log "installing ${TORCH_PINS[*]}"
 "${pip[@]}" "${TORCH_PINS[@]}"
-log "installing napari-lvunet (editable) with its [qt,test] extras"
+log "installing napari-lvunet (editable) with its [all,test] extras"
 # Keep the pins in force while the rest resolves, so nothing upgrades torch.
-"${pip[@]}" -e "${REPO}[qt,test]" "${TORCH_PINS[@]}"
+"${pip[@]}" -e "${REPO}[all,test]" "${TORCH_PINS[@]}"
 installed_here || die "napari_lvunet does not import from $REPO after installing"
 echo "$stamp" >"$stamp_file"
 log "done: $VENV"
