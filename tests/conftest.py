@@ -29,9 +29,18 @@ def _isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]
 
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
-    """Make every test's random draws reproducible."""
+    """Make every test's random draws reproducible.
+
+    torch is seeded only when a test module has already imported it: importing it here
+    would load torch (and triton) before any napari viewer in the whole session, and so
+    hide the import-order crashes a user meets (issue 9: torchvision imported after
+    Mesa's OpenGL driver segfaults).
+    """
+    import sys
+
     import numpy as np
-    import torch
 
     np.random.seed(0)
-    torch.manual_seed(0)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(0)
