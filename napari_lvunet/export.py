@@ -23,19 +23,29 @@ import copy
 import io
 import logging
 import os
+import sys
 import time
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from .io import atomic_write
-from .model import SIZE_DIVISOR, LVUNet, reparameterize_model
-from .preprocess import normalize
+from .model import LVUNet, reparameterize_model
+from .preprocess import SIZE_DIVISOR, normalize
 
-__all__ = ["INPUT_NAME", "MIN_OPSET", "OUTPUT_NAME", "export_onnx", "fused_cpu_copy"]
+__all__ = [
+    "INPUT_NAME",
+    "MIN_OPSET",
+    "OUTPUT_NAME",
+    "disagreement",
+    "export_onnx",
+    "fused_cpu_copy",
+    "main",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +59,10 @@ MIN_OPSET = 17
 # Largest height/width the graph declares: 128 * 512 = 65536 px, beyond any image napari
 # holds in one piece. The bound only constrains the symbolic shapes, it costs nothing.
 _MAX_SIZE_MULTIPLE = 512
+# The export check (see disagreement): graph and PyTorch may differ by this fraction of the
+# logits' scale; float32 kernels that sum in another order (AVX2 against AVX-512, oneDNN
+# against MLAS) differ by about 1e-6 of it, a wrong graph by far more than 1e-3.
+_RELATIVE_TOLERANCE = 1e-4
 # Example input for tracing: batch 2 and 256 px, because torch.export specialises any
 # dimension that is 1 somewhere in the graph (a 128 px input is 1 px at the bottleneck).
 _EXAMPLE_SHAPE = (2, 3, 2 * SIZE_DIVISOR, 2 * SIZE_DIVISOR)
@@ -251,7 +265,6 @@ def _with_props(onnx_bytes: bytes, props: Mapping[str, str]) -> bytes:
 
 def _verify(graph: nn.Module, onnx_bytes: bytes) -> None:
     """Compare the exported graph with PyTorch on a random batch of an unseen size."""
-    import numpy as np
     import onnxruntime as ort
 
     # Not the tracing example's size (batch 2, 256 x 256): proves that batch, height and
@@ -263,9 +276,85 @@ def _verify(graph: nn.Module, onnx_bytes: bytes) -> None:
         expected = graph(x).numpy()
     session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
-    if got.shape != expected.shape or not np.allclose(got, expected, atol=1e-4, rtol=1e-4):
-        diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else "shape"
+    problem = disagreement(expected, got)
+    if problem is not None:
         raise ValueError(
-            f"the exported ONNX graph disagrees with PyTorch (max difference {diff}); "
+            f"the exported ONNX graph disagrees with PyTorch: {problem}; "
             f"torch {torch.__version__}, onnxruntime {ort.__version__}"
         )
+
+
+def disagreement(reference: np.ndarray, candidate: np.ndarray) -> str | None:
+    """Why ``candidate`` logits do not stand in for ``reference`` ones, or ``None``.
+
+    The rule of every export check (the engine's graph against PyTorch, fused against
+    unfused weights): both finite; the largest difference at most 1e-4 of the logits'
+    scale (their largest magnitude, at least 1), so that it holds on every CPU whatever
+    order its kernels sum in; and the same label (sign, or argmax for several classes) at
+    every pixel the reference decides by more than that tolerance.
+
+    Args:
+        reference: Logits ``(N, C, H, W)`` from the trusted form.
+        candidate: Logits of the same shape from the form under test.
+
+    Returns:
+        ``None`` when they agree, else one line saying how they differ.
+    """
+    if candidate.shape != reference.shape:
+        return f"output shape {candidate.shape}, expected {reference.shape}"
+    for what, logits in (("reference", reference), ("exported", candidate)):
+        if not np.isfinite(logits).all():
+            return f"the {what} logits contain NaN or infinite values"
+    scale = max(1.0, float(np.abs(reference).max()))
+    tolerance = _RELATIVE_TOLERANCE * scale
+    difference = float(np.abs(candidate - reference).max())
+    if difference > tolerance:
+        return (
+            f"max |logit difference| {difference:.3g} exceeds {tolerance:.3g} "
+            f"({_RELATIVE_TOLERANCE:g} of the logits' scale {scale:.3g})"
+        )
+    if reference.shape[1] == 1:
+        decided = np.abs(reference) > tolerance
+        flipped = decided & ((reference > 0) != (candidate > 0))
+    else:
+        top2 = np.sort(reference, axis=1)[:, -2:]
+        decided = (top2[:, 1] - top2[:, 0]) > 2 * tolerance
+        flipped = decided & (reference.argmax(axis=1) != candidate.argmax(axis=1))
+    if flipped.any():
+        return f"{int(flipped.sum())} clearly decided pixels change label"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m napari_lvunet.export WEIGHTS OUT.onnx``: the engine's export worker.
+
+    The inference engine runs this in a child process when a user's own weights have no
+    ONNX graph yet, so that the napari process never imports PyTorch. It loads and checks
+    the weights, exports the graph with normalisation inside, verifies it against PyTorch
+    (:func:`disagreement`) and writes it atomically. Exit 0 on success; 1 with one line on
+    stderr otherwise.
+    """
+    import argparse
+
+    from .weights import WeightsError, load_model
+
+    parser = argparse.ArgumentParser(prog="python -m napari_lvunet.export")
+    parser.add_argument("weights", help="fused weights (.safetensors) or a registry name")
+    parser.add_argument("out", type=Path, help="the .onnx file to write")
+    args = parser.parse_args(argv)
+    try:
+        loaded = load_model(args.weights, progressbar=False)
+        export_onnx(
+            loaded.model,
+            args.out,
+            include_normalization=True,
+            metadata={"tensors_sha256": str(loaded.metadata["tensors_sha256"])},
+        )
+    except (WeightsError, ValueError, RuntimeError, OSError) as err:
+        print(f"napari-lvunet export: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

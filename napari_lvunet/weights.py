@@ -17,8 +17,16 @@ its values are the ones that were written, even without a registry hash.
 
 Registry models are fetched with pooch into :func:`cache_dir` and checked against their
 sha256; the default model ships inside the package (``napari_lvunet/_weights``) so that
-segmentation works offline on first use. Every rejection raises :class:`WeightsError`
+segmentation works offline on first use. Every registry model also ships its ONNX graph
+(normalisation inside, the form ONNX Runtime runs on the CPU) with its own sha256, so CPU
+inference needs no PyTorch and no export. Every rejection raises :class:`WeightsError`
 with a message that names the file and the problem, and a rejected file is never used.
+
+Two readers share every check: :func:`open_weights` (no PyTorch: hash, metadata bounds,
+tensor names, shapes and values from the safetensors header and numpy) for CPU inference,
+and :func:`load_model` (builds the PyTorch model) for GPU inference and training. Metadata
+fields are bounded and the declared architecture is compared with the tensor headers before
+anything is built, so a crafted file cannot make either allocate memory it names.
 
 Environment variables:
     ``NAPARI_LVUNET_CACHE``: folder for downloaded weights (default
@@ -41,16 +49,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pooch
-import torch
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save as save_safetensors_bytes
 
 from .io import atomic_write
-from .model import SIZE_DIVISOR, LVUNet, reparameterize_model
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, TRAIN_SIZE
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, SIZE_DIVISOR, TRAIN_SIZE
+
+if TYPE_CHECKING:
+    from .model import LVUNet
 
 __all__ = [
     "BASE_URL_ENV",
@@ -60,15 +68,18 @@ __all__ = [
     "LoadedModel",
     "ModelEntry",
     "WeightsError",
+    "WeightsFile",
     "base_url",
     "bundled_dir",
     "cache_dir",
     "code_version",
+    "fetch_graph",
     "fetch_weights",
     "file_sha256",
     "file_tensors",
     "is_available_offline",
     "load_model",
+    "open_weights",
     "read_metadata",
     "registry",
     "save_weights",
@@ -98,8 +109,14 @@ _ARCH_KEYS = frozenset({"num_classes", "act_num", "fused", "in_chans"})
 # A fused LV-UNet file is about 2 MB; anything this large is not a weights file,
 # and reading it whole into memory would only stall napari.
 _MAX_FILE_BYTES = 256 * 1024**2
-# safetensors' own limit on the JSON header.
-_MAX_HEADER_BYTES = 100 * 1024**2
+# A fused LV-UNet header is about 10 kB, with metadata; safetensors' own limit is 100 MB.
+_MAX_HEADER_BYTES = 16 * 1024**2
+# Bounds on what metadata may declare: checked before anything is built or allocated.
+_MAX_CLASSES = 256
+_MAX_ACT_NUM = 8
+_MAX_TRAIN_SIDE = 4096
+_MAX_SOURCE_SIDE = 65536
+_MAX_JSON_DEPTH = 32
 _PICKLE_HINT = (
     "napari-lvunet only opens .safetensors weights: unpickling a PyTorch checkpoint can run "
     "arbitrary code. Export fused weights with `python -m training.export` and open the "
@@ -123,6 +140,8 @@ class ModelEntry:
         description: One line for people choosing a model.
         bundled: Shipped inside ``napari_lvunet/_weights`` (available offline).
         meta: Dataset, resolution, metrics, licence, ...
+        onnx_filename: The model's ONNX graph (normalisation inside), beside ``filename``.
+        onnx_sha256: Hex SHA-256 of the graph; a graph that differs is never run.
     """
 
     name: str
@@ -130,8 +149,41 @@ class ModelEntry:
     sha256: str
     description: str
     bundled: bool = False
+    onnx_filename: str | None = None
+    onnx_sha256: str | None = None
     # hash=False: a mapping is unhashable, and the name and file identify an entry.
     meta: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """A checked weights file, without PyTorch: what CPU inference needs.
+
+    Attributes:
+        name: Registry name, or the file's stem for a file opened by path.
+        path: The ``.safetensors`` file.
+        sha256: Hex SHA-256 of its bytes.
+        metadata: Its metadata (see the module docstring).
+        onnx_path: The registry's verified ONNX graph for these weights, or ``None``
+            (the engine then exports one into the user cache).
+    """
+
+    name: str
+    path: Path
+    sha256: str
+    metadata: Mapping[str, Any]
+    onnx_path: Path | None = None
+
+    @property
+    def tensors_sha256(self) -> str:
+        """The hash of the tensors (what ONNX graphs are keyed by)."""
+        return str(self.metadata["tensors_sha256"])
+
+    @property
+    def train_size(self) -> tuple[int, int]:
+        """The (height, width) the model was trained at."""
+        height, width = self.metadata["train_size"]
+        return int(height), int(width)
 
 
 @dataclass
@@ -166,9 +218,11 @@ _ENTRIES: tuple[ModelEntry, ...] = (
     ModelEntry(
         name="lvunet-kvasir-seg",
         filename="lvunet-kvasir-seg.safetensors",
-        sha256="55131b7956cad966cb33d8cd7f051cd04b4f33808307dcdfbac0ae0f2e0c353a",
+        sha256="a55427b0759d55730d5ebb26aedf3781dbd182973d8d583ed378d5acae3dadb3",
         description="LV-UNet trained on Kvasir-SEG polyps, 256x256 (docs/MODEL_CARD.md)",
         bundled=True,
+        onnx_filename="lvunet-kvasir-seg.onnx",
+        onnx_sha256="10bc0bfd56cb8b65068bcf6f5dec33f5e2675040110548e7fb83a09eb611ed3d",
         meta=MappingProxyType(
             {
                 "dataset": "Kvasir-SEG (Jha et al., MMM 2020)",
@@ -346,49 +400,85 @@ def fetch_weights(
             configured, the machine is offline, the server has no such file, or the
             download's hash does not match.
     """
-    models = _registry_or_default(registry)
-    entry = _entry(name, models)
+    entry = _entry(name, _registry_or_default(registry))
+    return _fetch_file(entry, entry.filename, entry.sha256, progressbar, "weights")
+
+
+def fetch_graph(
+    name: str,
+    *,
+    progressbar: bool | Any = True,
+    registry: Mapping[str, ModelEntry] | None = None,
+) -> Path | None:
+    """Return the local path of a registry model's verified ONNX graph, if it has one.
+
+    Fetched and checked exactly as :func:`fetch_weights` does the weights.
+
+    Raises:
+        WeightsError: As :func:`fetch_weights`.
+    """
+    entry = _entry(name, _registry_or_default(registry))
+    if entry.onnx_filename is None or entry.onnx_sha256 is None:
+        return None
+    return _fetch_file(entry, entry.onnx_filename, entry.onnx_sha256, progressbar, "ONNX graph")
+
+
+def _fetch_file(
+    entry: ModelEntry, filename: str, sha256: str, progressbar: bool | Any, what: str
+) -> Path:
+    name = entry.name
     if entry.bundled:
-        path = bundled_dir() / entry.filename
+        path = bundled_dir() / filename
         if not path.is_file():
             raise WeightsError(
-                f"the bundled weights of model {name!r} are missing ({path}): the "
+                f"the bundled {what} of model {name!r} is missing ({path}): the "
                 "napari-lvunet installation is incomplete; reinstall it"
             )
-        if not _has_hash(path, entry.sha256):
+        if not _has_hash(path, sha256):
             raise WeightsError(
-                f"the bundled weights of model {name!r} ({path}) do not match their "
+                f"the bundled {what} of model {name!r} ({path}) does not match its "
                 "registered sha256: the file is damaged and was not used; reinstall "
                 "napari-lvunet"
             )
         return path
 
     folder = cache_dir()
-    cached = folder / entry.filename
-    if _has_hash(cached, entry.sha256):
+    cached = folder / filename
+    if _has_hash(cached, sha256):
         return cached
     url_base = base_url()
     if not url_base:
         raise WeightsError(
             f"model {name!r} is not downloaded yet and no download location is configured: "
             f"set the environment variable {BASE_URL_ENV} to the URL of the folder that "
-            f"holds {entry.filename}, or copy {entry.filename} into {folder}, or open a "
+            f"holds {filename}, or copy {filename} into {folder}, or open a "
             "weights file with 'Load weights from file...'"
         )
     fetcher = pooch.create(
-        path=folder,
-        base_url=url_base,
-        registry={entry.filename: f"sha256:{entry.sha256.lower()}"},
+        path=folder, base_url=url_base, registry={filename: f"sha256:{sha256.lower()}"}
     )
-    url = fetcher.get_url(entry.filename)
+    url = fetcher.get_url(filename)
     try:
-        return Path(fetcher.fetch(entry.filename, progressbar=progressbar))
+        path = Path(fetcher.fetch(filename, progressbar=progressbar))
     except Exception as err:
-        raise _download_error(err, name, entry, url, folder) from err
+        raise _download_error(err, name, filename, sha256, url, folder) from err
+    _make_readable(path)
+    return path
+
+
+def _make_readable(path: Path) -> None:
+    """Downloads land from a private temporary file (mode 0600); a shared cache needs the
+    usual permissions (0644 under the usual umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        path.chmod(0o666 & ~umask)
+    except OSError as err:  # a cache on a filesystem without modes: harmless
+        logger.debug("could not set the mode of %s: %s", path, err)
 
 
 def _download_error(
-    err: Exception, name: str, entry: ModelEntry, url: str, folder: Path
+    err: Exception, name: str, filename: str, sha256: str, url: str, folder: Path
 ) -> WeightsError:
     """Translate what pooch / requests raised into a message for the user."""
     import requests  # pooch depends on it; imported here as only failures need it
@@ -397,7 +487,7 @@ def _download_error(
         status = err.response.status_code
         if status == 404:
             return WeightsError(
-                f"model {name!r}: {entry.filename} was not found at {url} (HTTP 404); "
+                f"model {name!r}: {filename} was not found at {url} (HTTP 404); "
                 f"check {BASE_URL_ENV}, or open a weights file with 'Load weights from file...'"
             )
         return WeightsError(
@@ -408,8 +498,8 @@ def _download_error(
         return WeightsError(
             f"model {name!r} could not be downloaded from {url}: this machine appears to be "
             f"offline (or the server is unreachable: {type(err).__name__}). Connect to the "
-            f"network once (the file is then cached), or copy {entry.filename} "
-            f"(sha256 {entry.sha256}) into {folder}, or open a weights file with "
+            f"network once (the file is then cached), or copy {filename} "
+            f"(sha256 {sha256}) into {folder}, or open a weights file with "
             "'Load weights from file...'"
         )
     if isinstance(err, requests.RequestException):
@@ -417,7 +507,7 @@ def _download_error(
     if isinstance(err, ValueError) and "hash" in str(err).lower():
         return WeightsError(
             f"model {name!r}: the file downloaded from {url} does not match the registered "
-            f"sha256 {entry.sha256}; it was rejected and deleted, never used. The server may "
+            f"sha256 {sha256}; it was rejected and deleted, never used. The server may "
             "hold a different or damaged file."
         )
     if isinstance(err, OSError):
@@ -434,33 +524,43 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 
-def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+def tensors_sha256(tensors: Mapping[str, Any]) -> str:
     """Hex SHA-256 over named tensors: each name, dtype, shape and bytes, in name order.
 
     The digest a weights file stores as ``tensors_sha256``; it does not depend on the
     file's layout or metadata, only on the tensors.
 
     Args:
-        tensors: Tensors by name (a state dict); moved to the CPU to be hashed.
+        tensors: Torch tensors (a state dict; moved to the CPU to be hashed) or numpy
+            arrays by name. Both give the same digest for the same values: the dtype is
+            hashed under torch's name (``torch.float32``) either way.
 
     Returns:
         The hex digest.
     """
     digest = hashlib.sha256()
     for key in sorted(tensors):
-        tensor = tensors[key].detach().to("cpu").contiguous()
-        header = f"{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode()
+        value = tensors[key]
+        if isinstance(value, np.ndarray):
+            array = np.ascontiguousarray(value)
+            dtype = f"torch.{array.dtype.name}"
+        else:  # a torch tensor
+            value = value.detach().to("cpu").contiguous()
+            dtype, array = str(value.dtype), value.numpy()
+        header = f"{key}\0{dtype}\0{tuple(array.shape)}\0".encode()
         digest.update(header)
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        digest.update(array.reshape(-1).view(np.uint8))
     return digest.hexdigest()
 
 
-def file_tensors(fused: LVUNet) -> dict[str, torch.Tensor]:
+def file_tensors(fused: LVUNet) -> dict[str, Any]:
     """The tensors a weights file holds for a fused model: float32, on the CPU, by name.
 
     Their :func:`tensors_sha256` is the ``tensors_sha256`` that :func:`save_weights`
     records, so a model can be matched against a file without writing one.
     """
+    import torch
+
     return {
         key: value.detach().to("cpu", torch.float32).contiguous()
         for key, value in fused.state_dict().items()
@@ -500,6 +600,10 @@ def save_weights(
         TypeError: If ``model`` is not an :class:`LVUNet`.
         FileExistsError: If ``path`` exists and ``overwrite`` is False.
     """
+    from safetensors.torch import save as save_safetensors_bytes
+
+    from .model import LVUNet, reparameterize_model
+
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"weights files end in .safetensors, got {path.name!r}")
@@ -577,6 +681,8 @@ def _parse_header(head: bytes, file_size: int, path: Path) -> dict[str, Any]:
         raise WeightsError(
             f"{path} is corrupted: its safetensors header is unreadable ({err})"
         ) from err
+    except RecursionError:
+        raise WeightsError(f"{path} is corrupted: its header is nested too deeply") from None
     if not isinstance(header, dict):
         raise WeightsError(f"{path} is corrupted: its safetensors header is not a JSON object")
     try:
@@ -601,16 +707,33 @@ def _metadata_from_header(header: Mapping[str, Any], path: Path) -> dict[str, An
             "(export weights with `python -m training.export` or napari_lvunet.weights."
             "save_weights)"
         )
+    if not isinstance(raw, str) or len(raw) > _MAX_HEADER_BYTES:
+        raise WeightsError(f"{path}: its napari-lvunet metadata is not a JSON string")
     try:
         metadata = json.loads(raw)
     except (TypeError, json.JSONDecodeError) as err:
         raise WeightsError(f"{path}: its napari-lvunet metadata is not valid JSON ({err})") from err
+    except RecursionError:
+        raise WeightsError(f"{path}: its napari-lvunet metadata is nested too deeply") from None
     _check_metadata(metadata, path)
     return metadata
 
 
-def _is_positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+def _is_positive_int(value: Any, most: int | None = None) -> bool:
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and value > 0
+        and (most is None or value <= most)
+    )
+
+
+def _depth(value: Any, limit: int) -> int:
+    """Nesting depth of a JSON value, counting no further than ``limit + 1``."""
+    if limit < 0 or not isinstance(value, (dict, list)):
+        return 0
+    children = value.values() if isinstance(value, dict) else value
+    return 1 + max((_depth(child, limit - 1) for child in children), default=0)
 
 
 def _numbers_close(values: Any, reference: tuple[float, ...]) -> bool:
@@ -632,6 +755,8 @@ def _check_metadata(metadata: Any, path: Path) -> None:
 
     if not isinstance(metadata, dict):
         raise bad("not a JSON object")
+    if _depth(metadata, _MAX_JSON_DEPTH) > _MAX_JSON_DEPTH:
+        raise bad(f"nested more than {_MAX_JSON_DEPTH} levels deep")
     if metadata.get("format") != _FORMAT_NAME:
         raise bad(f"format is {metadata.get('format')!r}, expected {_FORMAT_NAME!r}")
     version = metadata.get("format_version")
@@ -648,10 +773,10 @@ def _check_metadata(metadata: Any, path: Path) -> None:
     unknown = sorted(set(arch) - _ARCH_KEYS)
     if unknown:
         raise bad(f"unknown architecture keys {unknown}")
-    for key in ("num_classes", "act_num"):
+    for key, most in (("num_classes", _MAX_CLASSES), ("act_num", _MAX_ACT_NUM)):
         value = arch.get(key)
-        if not _is_positive_int(value):
-            raise bad(f"architecture {key} is {value!r}, expected a positive integer")
+        if not _is_positive_int(value, most):
+            raise bad(f"architecture {key} is {value!r}, expected an integer from 1 to {most}")
     if arch.get("fused") is not True:
         raise bad("the weights are not fused (architecture fused must be true)")
     if arch.get("in_chans", 3) != 3:
@@ -659,11 +784,24 @@ def _check_metadata(metadata: Any, path: Path) -> None:
     if metadata.get("act_learn") != 1:
         raise bad(f"act_learn is {metadata.get('act_learn')!r}; fused weights are exact only at 1")
     size = metadata.get("train_size")
-    if not (isinstance(size, list) and len(size) == 2 and all(map(_is_positive_int, size))):
-        raise bad(f"train_size is {size!r}, expected [height, width]")
+    if not (
+        isinstance(size, list)
+        and len(size) == 2
+        and all(_is_positive_int(side, _MAX_TRAIN_SIDE) for side in size)
+    ):
+        raise bad(f"train_size is {size!r}, expected [height, width] of at most {_MAX_TRAIN_SIDE}")
     if any(side % SIZE_DIVISOR for side in size):
         # Checked here, not first when a segmenter is built: a file that loads must run.
         raise bad(f"train_size is {size!r}; LV-UNet needs multiples of {SIZE_DIVISOR}")
+    source = metadata.get("source_size")
+    if source is not None and not (
+        isinstance(source, list)
+        and len(source) == 2
+        and all(_is_positive_int(side, _MAX_SOURCE_SIDE) for side in source)
+    ):
+        raise bad(
+            f"source_size is {source!r}, expected [height, width] of at most {_MAX_SOURCE_SIDE}"
+        )
     norm = metadata.get("normalization")
     if not (
         isinstance(norm, dict)
@@ -713,7 +851,94 @@ def _open_checked(path: Path) -> Any:
         raise WeightsError(f"cannot read weights file {path}: {err}") from err
 
 
-def _load_file(path: Path, name: str, expected_sha256: str | None) -> LoadedModel:
+_DTYPE_BYTES = {"F32": 4}
+
+
+@functools.lru_cache(maxsize=1)
+def _reference_shapes() -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of the fused architecture, from the bundled file's header.
+
+    The shipped file is pinned by its registry sha256, so its header is the reference for
+    what any fused LV-UNet holds; only the head (``num_classes``) and the activation
+    kernels (``act_num``) vary, and :func:`_expected_shapes` adjusts those.
+    """
+    entry = registry()[DEFAULT_MODEL]
+    path = fetch_weights(entry.name, progressbar=False)
+    with open(path, "rb") as file:
+        head = file.read(8)
+        head += file.read(struct.unpack("<Q", head)[0])
+    header = _parse_header(head, path.stat().st_size, path)
+    return {
+        key: tuple(int(n) for n in info["shape"])
+        for key, info in header.items()
+        if key != "__metadata__"
+    }
+
+
+def _expected_shapes(arch: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    num_classes, kernel = int(arch["num_classes"]), 2 * int(arch["act_num"]) + 1
+    shapes = {}
+    for key, shape in _reference_shapes().items():
+        if key == "head.weight":
+            shape = (num_classes, *shape[1:])
+        elif key == "head.bias":
+            shape = (num_classes,)
+        elif key.endswith(".act.weight"):
+            shape = (shape[0], shape[1], kernel, kernel)
+        shapes[key] = shape
+    return shapes
+
+
+def _check_tensor_headers(
+    header: Mapping[str, Any], metadata: Mapping[str, Any], path: Path
+) -> None:
+    """Compare the declared architecture with the tensor headers, before any tensor is read."""
+    arch = {k: v for k, v in metadata["architecture"].items() if k != "in_chans"}
+    expected = _expected_shapes(arch)
+    declared: dict[str, tuple[int, ...]] = {}
+    wrong_dtype = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            shape = tuple(int(n) for n in info["shape"])
+            begin, end = (int(n) for n in info["data_offsets"])
+            dtype = info["dtype"]
+        except (TypeError, KeyError, ValueError) as err:
+            raise WeightsError(
+                f"{path} is corrupted: malformed entry {key!r} in its header"
+            ) from err
+        if dtype not in _DTYPE_BYTES:
+            wrong_dtype.append(key)
+        elif any(n < 0 for n in shape) or end - begin != _DTYPE_BYTES[dtype] * math.prod(shape):
+            raise WeightsError(f"{path} is corrupted: tensor {key!r} has inconsistent offsets")
+        declared[key] = shape
+    missing = sorted(set(expected) - set(declared))
+    unexpected = sorted(set(declared) - set(expected))
+    wrong_shape = [
+        f"{key} {declared[key]} (expected {expected[key]})"
+        for key in sorted(set(expected) & set(declared))
+        if declared[key] != expected[key]
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensors (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:3])})")
+    if wrong_shape:
+        problems.append(f"{len(wrong_shape)} wrong shapes (e.g. {'; '.join(wrong_shape[:3])})")
+    if wrong_dtype:
+        problems.append(f"non-float32 tensors (e.g. {', '.join(sorted(wrong_dtype)[:3])})")
+    if problems:
+        raise WeightsError(
+            f"{path} does not match the fused LV-UNet architecture {arch}: " + "; ".join(problems)
+        )
+
+
+def _read_checked(
+    path: Path, name: str, expected_sha256: str | None
+) -> tuple[dict[str, np.ndarray], dict[str, Any], str]:
+    """Every check of a weights file, without PyTorch: its tensors, metadata and sha256."""
     with _open_checked(path) as file:
         size = os.fstat(file.fileno()).st_size
         if size > _MAX_FILE_BYTES:
@@ -732,45 +957,77 @@ def _load_file(path: Path, name: str, expected_sha256: str | None) -> LoadedMode
             f"{path} does not match the registered sha256 of model {name!r} "
             f"({expected_sha256}); it was changed or damaged and was not used"
         )
-    metadata = _metadata_from_header(_parse_header(data, len(data), path), path)
-    arch = {k: v for k, v in metadata["architecture"].items() if k != "in_chans"}
+    header = _parse_header(data, len(data), path)
+    metadata = _metadata_from_header(header, path)
+    _check_tensor_headers(header, metadata, path)
+    from safetensors.numpy import load as load_safetensors_bytes
+
     try:
         tensors = load_safetensors_bytes(data)
     except Exception as err:  # safetensors raises its own error types for bad layouts
         raise WeightsError(f"{path} is corrupted: safetensors cannot read it ({err})") from err
-
-    model = LVUNet(**arch).eval()
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong_shape = [
-        f"{key} {tuple(tensors[key].shape)} (expected {tuple(expected[key].shape)})"
-        for key in sorted(set(expected) & set(tensors))
-        if tensors[key].shape != expected[key].shape
-    ]
-    wrong_dtype = sorted(k for k, v in tensors.items() if v.dtype != torch.float32)
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing tensors (e.g. {', '.join(missing[:3])})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:3])})")
-    if wrong_shape:
-        problems.append(f"{len(wrong_shape)} wrong shapes (e.g. {'; '.join(wrong_shape[:3])})")
-    if wrong_dtype:
-        problems.append(f"non-float32 tensors (e.g. {', '.join(wrong_dtype[:3])})")
-    if problems:
-        raise WeightsError(
-            f"{path} does not match the fused LV-UNet architecture {arch}: " + "; ".join(problems)
-        )
     if tensors_sha256(tensors) != metadata["tensors_sha256"]:
         raise WeightsError(
             f"{path} is corrupted: its weights differ from those it was saved with "
             "(tensors_sha256 mismatch); it was not used"
         )
-    if not all(torch.isfinite(t).all() for t in tensors.values()):
+    if not all(np.isfinite(t).all() for t in tensors.values()):
         raise WeightsError(f"{path} contains NaN or infinite weights; it was not used")
-    model.load_state_dict(tensors, strict=True)
-    return LoadedModel(model=model, metadata=metadata, sha256=sha256, path=path, name=name)
+    return tensors, metadata, sha256
+
+
+def _locate(
+    name_or_path: str | os.PathLike[str],
+    models: Mapping[str, ModelEntry],
+    progressbar: bool | Any,
+) -> tuple[Path, str, ModelEntry | None]:
+    """The file, display name and registry entry (if any) for a name or path."""
+    if isinstance(name_or_path, str) and name_or_path in models:
+        entry = models[name_or_path]
+        return (
+            fetch_weights(entry.name, progressbar=progressbar, registry=models),
+            entry.name,
+            entry,
+        )
+    path = Path(name_or_path).expanduser()
+    if isinstance(name_or_path, str) and not path.exists() and path.suffix == "":
+        _entry(name_or_path, models)  # raises: an unknown model name, not a file path
+    return path, path.stem, None
+
+
+def open_weights(
+    name_or_path: str | os.PathLike[str],
+    *,
+    registry: Mapping[str, ModelEntry] | None = None,
+    progressbar: bool | Any = False,
+) -> WeightsFile:
+    """Open and check weights by registry name or path, without PyTorch.
+
+    Every check of :func:`load_model` runs (file hash against the registry, metadata
+    bounds, tensor names, shapes and dtypes against the declared architecture, the
+    tensors' hash, finite values); no model is built. A registry model (or a file whose
+    bytes equal one) comes with its verified ONNX graph.
+
+    Args:
+        name_or_path: A registry name, or the path of a ``.safetensors`` file.
+        registry: Models to look names up in (default: :func:`registry`).
+        progressbar: Passed to :func:`fetch_weights` when a download is needed.
+
+    Returns:
+        The checked file.
+
+    Raises:
+        WeightsError: With a message naming the model or file and the problem.
+    """
+    models = _registry_or_default(registry)
+    path, name, entry = _locate(name_or_path, models, progressbar)
+    _, metadata, sha256 = _read_checked(path, name, entry.sha256 if entry else None)
+    if entry is None:  # the user opened a registry model's file by its path
+        entry = next((e for e in models.values() if e.sha256 == sha256), None)
+    graph = None
+    if entry is not None:
+        graph = fetch_graph(entry.name, progressbar=progressbar, registry=models)
+    return WeightsFile(name=name, path=path, sha256=sha256, metadata=metadata, onnx_path=graph)
 
 
 def load_model(
@@ -798,12 +1055,14 @@ def load_model(
     Raises:
         WeightsError: With a message naming the model or file and the problem.
     """
+    import torch
+
+    from .model import LVUNet
+
     models = _registry_or_default(registry)
-    if isinstance(name_or_path, str) and name_or_path in models:
-        entry = models[name_or_path]
-        path = fetch_weights(name_or_path, progressbar=progressbar, registry=models)
-        return _load_file(path, entry.name, entry.sha256)
-    path = Path(name_or_path).expanduser()
-    if isinstance(name_or_path, str) and not path.exists() and path.suffix == "":
-        _entry(name_or_path, models)  # raises: an unknown model name, not a file path
-    return _load_file(path, path.stem, None)
+    path, name, entry = _locate(name_or_path, models, progressbar)
+    tensors, metadata, sha256 = _read_checked(path, name, entry.sha256 if entry else None)
+    arch = {k: v for k, v in metadata["architecture"].items() if k != "in_chans"}
+    model = LVUNet(**arch).eval()  # bounded: the architecture matched the headers
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()}, strict=True)
+    return LoadedModel(model=model, metadata=metadata, sha256=sha256, path=path, name=name)

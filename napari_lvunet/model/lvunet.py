@@ -24,12 +24,10 @@ import torch
 from torch import nn
 from torchvision.models import MobileNet_V3_Large_Weights, mobilenet_v3_large
 
+from ..preprocess import SIZE_DIVISOR  # H, W multiples of this (7 downsamplings)
 from .fusible import FusibleBlock, fuse_conv_bn
 
 __all__ = ["SIZE_DIVISOR", "LVUNet", "lvunet", "reparameterize_model"]
-
-#: H and W must be multiples of this (seven 2x downsamplings).
-SIZE_DIVISOR = 128
 
 _ENCODER_SPLITS = ((0, 1), (1, 3), (3, 6), (6, 10))
 _BLOCK_CHANNELS = (80, 160, 240, 480)
