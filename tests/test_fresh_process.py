@@ -82,16 +82,20 @@ README_ROUTE = _GUI_PRELUDE + textwrap.dedent(
 
     viewer = napari.Viewer()  # first, as a user starts napari before anything else
     settle()  # let the window and its OpenGL canvas come up
+    print("step: viewer open", flush=True)  # the last step printed says where a crash hit
     _dock, widget = viewer.window.add_plugin_dock_widget(
         "napari-lvunet", "LV-UNet segmentation"
     )
+    print("step: widget docked", flush=True)
     viewer.open_sample("napari-lvunet", "polyp")
     viewer.open_sample("napari-lvunet", "polyp_stack")
     settle()
+    print("step: samples open", flush=True)
     before = set(map(id, viewer.layers))
     widget.image.value = viewer.layers["polyp"]
     widget.segment()
     pump(lambda: not widget.busy, 300, "the Segment worker")
+    print("step: segmented", flush=True)
     truth = viewer.layers["polyp ground truth"].data
     new_labels = [
         layer for layer in viewer.layers
