@@ -166,6 +166,8 @@ class WeightsFile:
         metadata: Its metadata (see the module docstring).
         onnx_path: The registry's verified ONNX graph for these weights, or ``None``
             (the engine then exports one into the user cache).
+        onnx_sha256: The registered sha256 of ``onnx_path``, checked again before every
+            ONNX Runtime session is built.
     """
 
     name: str
@@ -173,6 +175,7 @@ class WeightsFile:
     sha256: str
     metadata: Mapping[str, Any]
     onnx_path: Path | None = None
+    onnx_sha256: str | None = None
 
     @property
     def tensors_sha256(self) -> str:
@@ -218,7 +221,7 @@ _ENTRIES: tuple[ModelEntry, ...] = (
     ModelEntry(
         name="lvunet-kvasir-seg",
         filename="lvunet-kvasir-seg.safetensors",
-        sha256="a55427b0759d55730d5ebb26aedf3781dbd182973d8d583ed378d5acae3dadb3",
+        sha256="ca5c83c4bf5edbb6881893bc381cdc10e78be24202cf40796463f2bd57351f54",
         description="LV-UNet trained on Kvasir-SEG polyps, 256x256 (docs/MODEL_CARD.md)",
         bundled=True,
         onnx_filename="lvunet-kvasir-seg.onnx",
@@ -793,15 +796,16 @@ def _check_metadata(metadata: Any, path: Path) -> None:
     if any(side % SIZE_DIVISOR for side in size):
         # Checked here, not first when a segmenter is built: a file that loads must run.
         raise bad(f"train_size is {size!r}; LV-UNet needs multiples of {SIZE_DIVISOR}")
-    source = metadata.get("source_size")
-    if source is not None and not (
-        isinstance(source, list)
-        and len(source) == 2
-        and all(_is_positive_int(side, _MAX_SOURCE_SIDE) for side in source)
-    ):
-        raise bad(
-            f"source_size is {source!r}, expected [height, width] of at most {_MAX_SOURCE_SIDE}"
-        )
+    for key in ("source_size", "source_size_max"):
+        source = metadata.get(key)
+        if source is not None and not (
+            isinstance(source, list)
+            and len(source) == 2
+            and all(_is_positive_int(side, _MAX_SOURCE_SIDE) for side in source)
+        ):
+            raise bad(
+                f"{key} is {source!r}, expected [height, width] of at most {_MAX_SOURCE_SIDE}"
+            )
     norm = metadata.get("normalization")
     if not (
         isinstance(norm, dict)
@@ -1027,7 +1031,14 @@ def open_weights(
     graph = None
     if entry is not None:
         graph = fetch_graph(entry.name, progressbar=progressbar, registry=models)
-    return WeightsFile(name=name, path=path, sha256=sha256, metadata=metadata, onnx_path=graph)
+    return WeightsFile(
+        name=name,
+        path=path,
+        sha256=sha256,
+        metadata=metadata,
+        onnx_path=graph,
+        onnx_sha256=entry.onnx_sha256 if graph is not None and entry is not None else None,
+    )
 
 
 def load_model(
