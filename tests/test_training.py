@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import types
 from pathlib import Path
 
 import numpy as np
@@ -610,7 +609,7 @@ def test_finetune_writes_weights_the_plugin_loads_and_runs(
 
     # An unrelated checkpoint already holds the name the weights would get: neither
     # file of the pair may take it, and it is left alone.
-    monkeypatch.setattr(finetune_mod, "time", types.SimpleNamespace(strftime=lambda fmt: "T"))
+    monkeypatch.setattr(finetune_mod, "_timestamp", lambda: "T")
     (tmp_path / "out").mkdir()
     taken = tmp_path / "out" / "lvunet-finetuned-corrections-T.pt"
     taken.write_bytes(b"someone's checkpoint")

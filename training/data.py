@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from napari_lvunet.cancel import CancelToken, check_cancelled
 from napari_lvunet.io import read_image
 from napari_lvunet.preprocess import resize, to_unit_rgb
 
@@ -351,9 +352,11 @@ class CachedSegmentationDataset(Dataset):
         augment: Augmentation for training, or ``None``.
         cache_size: Cached (height, width) when augmenting; defaults to ``size`` * 9/8.
         seed: Seed of the augmentation.
+        cancel: Checked before each file is decoded (see :mod:`napari_lvunet.cancel`).
 
     Raises:
         DatasetError: If any pair cannot be loaded (see :func:`load_pair`).
+        Cancelled: If ``cancel`` was set.
     """
 
     def __init__(
@@ -364,6 +367,7 @@ class CachedSegmentationDataset(Dataset):
         augment: Augment | None = None,
         cache_size: tuple[int, int] | None = None,
         seed: int = 0,
+        cancel: CancelToken | None = None,
     ) -> None:
         self.pairs = list(pairs)
         self.size = (int(size[0]), int(size[1]))
@@ -379,6 +383,7 @@ class CachedSegmentationDataset(Dataset):
         self.images = torch.empty((n, 3, h, w), dtype=torch.uint8)
         self.masks = torch.empty((n, 1, h, w), dtype=torch.uint8)
         for i, pair in enumerate(self.pairs):
+            check_cancelled(cancel, message="cancelled while reading the images")
             rgb, mask = load_pair(pair)
             img = resize(torch.from_numpy(rgb).permute(2, 0, 1)[None], self.cache_size)
             self.images[i] = img[0].clamp_(0, 1).mul_(255).round_().to(torch.uint8)

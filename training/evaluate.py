@@ -39,6 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from napari_lvunet.cancel import CancelToken, check_cancelled
 from napari_lvunet.io import atomic_write
 from napari_lvunet.model import LVUNet, reparameterize_model
 from napari_lvunet.preprocess import normalize, resize
@@ -240,6 +241,7 @@ def evaluate_pairs(
     *,
     device: str | torch.device = "cpu",
     batch_size: int = 8,
+    cancel: CancelToken | None = None,
 ) -> dict[str, list[dict[str, float | str]]]:
     """Per-image metrics of each model at the images' original resolution.
 
@@ -249,6 +251,7 @@ def evaluate_pairs(
         train_size: The (height, width) the images are resized to for the network.
         device: Where to run the models.
         batch_size: Images per forward pass.
+        cancel: Checked before each image is read and each model runs.
 
     Returns:
         For each label, one row per image: ``stem`` and the metrics of
@@ -256,6 +259,7 @@ def evaluate_pairs(
 
     Raises:
         DatasetError: If an image or mask cannot be loaded.
+        Cancelled: If ``cancel`` was set.
     """
     device = torch.device(device)
     for m in models.values():
@@ -263,12 +267,16 @@ def evaluate_pairs(
     rows: dict[str, list[dict[str, float | str]]] = {label: [] for label in models}
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        loaded = [load_pair(p) for p in chunk]
+        loaded = []
+        for pair in chunk:
+            check_cancelled(cancel, message="cancelled while evaluating")
+            loaded.append(load_pair(pair))
         x = torch.cat(
             [resize(torch.from_numpy(rgb).permute(2, 0, 1)[None], train_size) for rgb, _ in loaded]
         )
         x = normalize(x).to(device)
         for label, model in models.items():
+            check_cancelled(cancel, message="cancelled while evaluating")
             logits = model(x).float().cpu()
             for i, (pair, (_, mask)) in enumerate(zip(chunk, loaded, strict=True)):
                 # The logits are resized back (as the plugin's resize policy does) and

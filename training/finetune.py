@@ -4,6 +4,8 @@ Launch::
 
     python -m training.finetune --data my_corrections --weights lvunet-kvasir-seg
     python -m training.finetune --data DIR --weights runs/kvasir/best.pt --epochs 30 --lr 1e-4
+    # what the napari widget runs: machine-readable progress, at most 20 minutes
+    python -m training.finetune --data DIR --weights W --progress json --max-minutes 20
 
 Every image of the folder is used (retraining on all corrections, not only the newest,
 keeps the model from forgetting the earlier ones), except a small seeded held-out part
@@ -20,26 +22,46 @@ checkpoint the BatchNorms keep their running statistics (frozen), since a handfu
 images cannot estimate them. The result is written as fused
 ``.safetensors`` that the plugin's "Load weights from file" opens (plus, from a
 checkpoint, an unfused ``.pt`` of the same name to fine-tune again from), under a name
-that neither file has yet; nothing existing is ever overwritten.
+that neither file has yet; nothing existing is ever overwritten. The output folder is
+checked before the first step; it is created only when the result is written.
 
-The napari widget calls :func:`finetune` from a worker thread, with ``progress`` and
-``cancel``.
+Progress (``--progress``): ``bar`` (the default on a terminal) shows a progress bar,
+``none`` only a line per epoch, and ``json`` writes one ``@lvunet {...}`` event per line
+on stdout (start, a step event after every optimiser step, eval, then done, error or
+cancelled) and everything else on stderr: see :mod:`training.events`.
+
+SIGTERM and SIGINT (Ctrl-C) cancel: the run stops within a second, writes nothing, and
+exits with code 3. ``--max-minutes`` ends training early at a step boundary and still
+writes the result.
+
+Exit codes: 0 done, 1 error (bad data, unusable weights, an unwritable output, a
+diverged loss, a crash), 2 bad command line, 3 cancelled.
+
+The napari widget runs this as a child process; :func:`finetune` is the same loop for
+Python callers, with ``events``, ``progress`` and ``cancel``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import math
+import os
 import random
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, TextIO
 
 import torch
 from torch.utils.data import DataLoader
 
+from napari_lvunet.cancel import Cancelled, CancelToken
 from napari_lvunet.io import atomic_write
 from napari_lvunet.model import LVUNet, reparameterize_model
 from napari_lvunet.preprocess import normalize
@@ -52,26 +74,100 @@ from .checkpoint import (
 )
 from .data import Augment, CachedSegmentationDataset, DatasetError, Pair, find_pairs
 from .evaluate import evaluate_pairs, summarize
+from .events import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, EventWriter
 from .losses import BCEDiceLoss
+from .outputs import OutputError, check_writable_folder
 from .train import TrainingDiverged, autocast_dtype, optimisation_step, select_device
 
-__all__ = ["FinetuneCancelled", "FinetuneError", "finetune", "main", "split_heldout"]
+__all__ = [
+    "FinetuneCancelled",
+    "FinetuneError",
+    "SignalCancel",
+    "finetune",
+    "main",
+    "split_heldout",
+]
 
 logger = logging.getLogger(__name__)
 
+#: ``progress(epoch, epochs, metrics)`` after each epoch.
 Progress = Callable[[int, int, dict[str, float]], None]
-
-
-class _Event(Protocol):
-    def is_set(self) -> bool: ...
+#: ``events(name, **fields)`` for each event of :mod:`training.events`.
+Events = Callable[..., Any]
 
 
 class FinetuneError(ValueError):
     """The start weights or options cannot be used; the message says why."""
 
 
-class FinetuneCancelled(Exception):  # noqa: N818 - reads as what happened
+class FinetuneCancelled(Cancelled):
     """Fine-tuning was cancelled through ``cancel``; nothing was written."""
+
+
+class SignalCancel:
+    """The cancel token of the command line: set by SIGTERM / SIGINT.
+
+    The training loop checks it between steps and inside data loading and evaluation,
+    but one optimiser step on a CPU can take longer than the promised second, and
+    Python runs a signal handler only once the running torch call returns. So the
+    signal is also delivered to a watcher thread through :func:`signal.set_wakeup_fd`,
+    at once: it sets the token and, if the process still runs ``grace`` seconds later
+    and is not writing the result (:meth:`committing`), reports the cancellation and
+    ends the process with exit code 3. Nothing is on disk before the result is written,
+    so there is nothing to clean up.
+
+    Args:
+        on_abort: Called by the watcher just before it ends the process (reports the
+            cancellation).
+        grace: Seconds the loop gets to stop on its own.
+    """
+
+    def __init__(self, on_abort: Callable[[], None], grace: float = 0.5) -> None:
+        self._event = threading.Event()
+        self._commit = threading.Lock()
+        self._on_abort = on_abort
+        self._grace = grace
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def install(self) -> None:
+        """Handle SIGTERM and SIGINT from now on (call from the main thread)."""
+        import socket
+
+        receiver, sender = socket.socketpair()
+        sender.setblocking(False)
+        self._sockets = (receiver, sender)  # kept open for the life of the process
+        signal.set_wakeup_fd(sender.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            # The Python-level handler only replaces the default (die / KeyboardInterrupt).
+            signal.signal(signum, lambda signum, frame: self._event.set())
+        threading.Thread(
+            target=self._watch, args=(receiver,), name="lvunet-cancel", daemon=True
+        ).start()
+
+    def _watch(self, receiver: Any) -> None:
+        wanted = {int(signal.SIGTERM), int(signal.SIGINT)}
+        while True:
+            data = receiver.recv(64)
+            if not data:
+                return
+            if wanted & set(data):
+                break
+        self._event.set()
+        time.sleep(self._grace)
+        # While the result is being written, let the writer finish: it reports done.
+        if self._commit.acquire(blocking=False):
+            self._on_abort()
+            os._exit(EXIT_CANCELLED)
+
+    @contextlib.contextmanager
+    def committing(self) -> Iterator[None]:
+        """Hold off the watcher while the result is written; refuse if already cancelled."""
+        with self._commit:
+            if self.is_set():
+                raise FinetuneCancelled("fine-tuning cancelled; nothing was written")
+            yield
 
 
 def split_heldout(
@@ -170,11 +266,31 @@ def _free_stem(folder: Path, stem: str, suffixes: Sequence[str]) -> str:
     return candidate
 
 
+def _timestamp() -> str:
+    """The local time in result names: sortable, and the same width for every date."""
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
 def _heldout_dice(
-    model: LVUNet, hold: Sequence[Pair], size: tuple[int, int], device: torch.device
-) -> float:
-    rows = evaluate_pairs({"m": model}, hold, size, device=device)["m"]
+    model: LVUNet,
+    hold: Sequence[Pair],
+    size: tuple[int, int],
+    device: torch.device,
+    cancel: CancelToken | None,
+) -> float | None:
+    if not hold:
+        return None
+    rows = evaluate_pairs({"m": model}, hold, size, device=device, cancel=cancel)["m"]
     return summarize(rows)["dice"]
+
+
+def _check_options(epochs: int, lr: float, batch_size: int, max_minutes: float | None) -> None:
+    if epochs < 1 or batch_size < 1:
+        raise FinetuneError("epochs and batch_size must be at least 1")
+    if not (math.isfinite(lr) and lr > 0):
+        raise FinetuneError(f"lr must be a positive finite number, got {lr}")
+    if max_minutes is not None and not (math.isfinite(max_minutes) and max_minutes > 0):
+        raise FinetuneError(f"max_minutes must be a positive number, got {max_minutes}")
 
 
 def finetune(
@@ -185,7 +301,9 @@ def finetune(
     epochs: int = 30,
     lr: float = 1e-4,
     progress: Progress | None = None,
-    cancel: _Event | None = None,
+    events: Events | None = None,
+    cancel: CancelToken | None = None,
+    max_minutes: float | None = None,
     seed: int = 0,
     batch_size: int = 8,
     heldout_fraction: float = 0.2,
@@ -198,13 +316,20 @@ def finetune(
         data_dir: Folder with ``images/`` and ``masks/`` (stems matched; png/jpg/tif,
             any sizes).
         weights: Registry name, fused ``.safetensors`` file, or training checkpoint ``.pt``.
-        out_dir: Where to write (created if needed); default ``<data_dir>/finetuned``.
+        out_dir: Where to write (created when the result is written); default
+            ``<data_dir>/finetuned``. Checked for writing before anything is trained.
         epochs: Passes over the fine-tuning images.
         lr: Adam learning rate, decayed along a cosine to 1 % of it.
         progress: Called after each epoch as ``progress(epoch, epochs, metrics)`` with
             ``loss``, ``train_dice`` and ``heldout_dice``.
+        events: Called as ``events(name, **fields)`` with the ``start``, ``step`` (after
+            every optimiser step) and ``eval`` events of :mod:`training.events`; the
+            ending (done, error, cancelled) is the caller's to report.
         cancel: An object with ``is_set()`` (a ``threading.Event``), checked before every
-            step: when set, fine-tuning stops and :class:`FinetuneCancelled` is raised.
+            step, before each image is read and each held-out evaluation: when set,
+            fine-tuning stops and :class:`FinetuneCancelled` is raised.
+        max_minutes: Stop training after this many minutes, at a step boundary, and
+            write what was reached (recorded in the metadata).
         seed: Seed of the held-out split, the augmentation and the sampling.
         batch_size: Images per step (fewer when the folder is smaller).
         heldout_fraction: Share of images held out (at least one) without splits.json.
@@ -216,47 +341,108 @@ def finetune(
 
     Raises:
         DatasetError: For an unusable folder (nothing is written).
-        FinetuneError: For unusable start weights or options.
+        FinetuneError: For unusable start weights or options, an output folder that
+            cannot be written, or a loss that became NaN or infinite (nothing is
+            written).
         FinetuneCancelled: When ``cancel`` was set (nothing is written).
     """
-    from napari_lvunet.weights import save_weights
+    try:
+        return _finetune(
+            data_dir,
+            weights,
+            out_dir,
+            epochs=epochs,
+            lr=lr,
+            progress=progress,
+            events=events,
+            cancel=cancel,
+            max_minutes=max_minutes,
+            seed=seed,
+            batch_size=batch_size,
+            heldout_fraction=heldout_fraction,
+            device=device,
+            precision=precision,
+        )
+    except FinetuneCancelled:
+        raise
+    except Cancelled as err:  # from data loading or evaluation
+        raise FinetuneCancelled(f"fine-tuning {err}; nothing was written") from None
 
-    if epochs < 1 or batch_size < 1 or not lr > 0:
-        raise FinetuneError("epochs and batch_size must be at least 1, and lr positive")
-    data_dir = Path(data_dir)
-    pairs = find_pairs(data_dir)
-    train_pairs, hold = split_heldout(data_dir, pairs, fraction=heldout_fraction, seed=seed)
-    model, size, base = _load_start(weights)
-    dev = select_device(device)
-    dtype = autocast_dtype(precision, dev)
-    train_ds = CachedSegmentationDataset(
-        train_pairs, size, augment=Augment(min_scale=0.6, color=0.1), seed=seed
-    )
-    out_dir = Path(out_dir) if out_dir is not None else data_dir / "finetuned"
+
+def _finetune(
+    data_dir: str | Path,
+    weights: str | Path,
+    out_dir: str | Path | None,
+    *,
+    epochs: int,
+    lr: float,
+    progress: Progress | None,
+    events: Events | None,
+    cancel: CancelToken | None,
+    max_minutes: float | None,
+    seed: int,
+    batch_size: int,
+    heldout_fraction: float,
+    device: str,
+    precision: str,
+) -> Path:
+    _check_options(epochs, lr, batch_size, max_minutes)
+    emit = events or (lambda name, **fields: None)
 
     def cancelled(where: str) -> None:
         if cancel is not None and cancel.is_set():
             raise FinetuneCancelled(f"fine-tuning cancelled {where}; nothing was written")
 
+    data_dir = Path(data_dir)
+    pairs = find_pairs(data_dir)
+    train_pairs, hold = split_heldout(data_dir, pairs, fraction=heldout_fraction, seed=seed)
+    out_dir = Path(out_dir) if out_dir is not None else data_dir / "finetuned"
+    try:  # before any work: a result that cannot be saved is not worth computing
+        check_writable_folder(out_dir)
+    except OutputError as err:
+        raise FinetuneError(f"{err}; choose another output folder (--out)") from None
+    loader_batch = min(batch_size, len(train_pairs))
+    steps_per_epoch = math.ceil(len(train_pairs) / loader_batch)
+    total_steps = epochs * steps_per_epoch
+    emit(
+        "start",
+        pairs=len(pairs),
+        train_pairs=len(train_pairs),
+        heldout_pairs=len(hold),
+        total_steps=total_steps,
+        epochs=epochs,
+    )
+    cancelled("before starting")
+    model, size, base = _load_start(weights)
+    dev = select_device(device)
+    dtype = autocast_dtype(precision, dev)
+    train_ds = CachedSegmentationDataset(
+        train_pairs, size, augment=Augment(min_scale=0.6, color=0.1), seed=seed, cancel=cancel
+    )
+
     model = model.to(dev)
-    before = _heldout_dice(model, hold, size, dev)
+    before = _heldout_dice(model, hold, size, dev, cancel)
+    emit("eval", epoch=0, heldout_dice=before)
     logger.info(
-        "fine-tuning on %d images, %d held out (Dice before: %.4f)",
+        "fine-tuning on %d images, %d held out (Dice before: %s)",
         len(train_ds),
         len(hold),
-        before,
+        "n/a" if before is None else f"{before:.4f}",
     )
     gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(
-        train_ds, batch_size=min(batch_size, len(train_ds)), shuffle=True, generator=gen
-    )
+    loader = DataLoader(train_ds, batch_size=loader_batch, shuffle=True, generator=gen)
     criterion = BCEDiceLoss(0.5)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=epochs * len(loader), eta_min=lr * 0.01
+        optimizer, T_max=total_steps, eta_min=lr * 0.01
     )
     scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
     after = before
+    step = 0
+    t0 = time.monotonic()
+    deadline = None if max_minutes is None else t0 + 60.0 * max_minutes
+    stopped_early = False
+    epochs_done = 0
     for epoch in range(epochs):
         train_ds.set_epoch(epoch)
         model.train()
@@ -268,6 +454,9 @@ def finetune(
         seen = 0
         for x, y in loader:
             cancelled(f"in epoch {epoch + 1}")
+            if step and deadline is not None and time.monotonic() >= deadline:
+                stopped_early = True  # at least one step, so that there is a result
+                break
             x, y = normalize(x.to(dev)), y.to(dev)
             try:
                 loss, dice = optimisation_step(
@@ -282,12 +471,35 @@ def finetune(
             except TrainingDiverged as err:
                 raise FinetuneError(f"{err}: lower --lr") from None
             scheduler.step()
+            step += 1
             loss_sum += loss * len(x)
             dice_sum += float(dice.sum())
             seen += len(x)
+            elapsed = time.monotonic() - t0
+            eta = elapsed / step * (total_steps - step)
+            if deadline is not None:
+                eta = min(eta, max(0.0, deadline - time.monotonic()))
+            emit(
+                "step",
+                step=step,
+                total_steps=total_steps,
+                epoch=epoch + 1,
+                epochs=epochs,
+                loss=loss,
+                elapsed_s=round(elapsed, 3),
+                eta_s=round(eta, 3),
+            )
+        if seen == 0:  # the time limit came at the end of the previous epoch
+            break
         cancelled(f"after epoch {epoch + 1}")
-        after = _heldout_dice(model, hold, size, dev)
-        metrics = {"loss": loss_sum / seen, "train_dice": dice_sum / seen, "heldout_dice": after}
+        after = _heldout_dice(model, hold, size, dev, cancel)
+        epochs_done = epoch + 1
+        emit("eval", epoch=epoch + 1, heldout_dice=after)
+        metrics = {
+            "loss": loss_sum / seen,
+            "train_dice": dice_sum / seen,
+            "heldout_dice": math.nan if after is None else after,
+        }
         logger.info(
             "epoch %d/%d loss %.4f train Dice %.4f held-out Dice %.4f",
             epoch + 1,
@@ -296,13 +508,17 @@ def finetune(
         )
         if progress is not None:
             progress(epoch + 1, epochs, metrics)
-
+        if stopped_early:
+            break
+    if stopped_early:
+        logger.warning(
+            "stopped after %d of %d steps: the time limit of %g minutes was reached",
+            step,
+            total_steps,
+            max_minutes,
+        )
     model = model.cpu().float().eval()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"lvunet-finetuned-{data_dir.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    # One name free for both files, so that the .pt beside the weights is their own.
-    stem = _free_stem(out_dir, stem, (".safetensors", ".pt"))
-    path = out_dir / f"{stem}.safetensors"
+    stem = f"lvunet-finetuned-{data_dir.resolve().name}-{_timestamp()}"
     metadata = {
         "train_size": list(size),
         "dataset": {
@@ -311,43 +527,97 @@ def finetune(
             "heldout_images": [p.stem for p in hold],
         },
         "base_weights": base,
-        "finetune": {"epochs": epochs, "lr": lr, "seed": seed, "batch_size": loader.batch_size},
+        "finetune": {
+            "epochs": epochs,
+            "lr": lr,
+            "seed": seed,
+            "batch_size": loader.batch_size,
+            "steps": step,
+            "total_steps": total_steps,
+            **({"stopped_at_time_limit_minutes": max_minutes} if stopped_early else {}),
+        },
         "metrics": {
             "heldout_before": {"dice": before},
             "heldout_after": {"dice": after},
             "note": "per-image mean Dice on the held-out images, original resolution",
         },
     }
-    save_weights(model, path, metadata)
-    if not model.fused:
-        ckpt_path = path.with_suffix(".pt")
-        payload = {
-            "format": CHECKPOINT_FORMAT,
-            "model": model.state_dict(),
-            "model_config": model.config,
-            "epoch": epochs,
-            "act_learn": 1.0,
-            "metrics": {"heldout_dice": after},
-            "config": {
-                "size": list(size),
-                "data": data_dir.resolve().name,
-                "finetune": metadata,
-            },
-        }
-        atomic_write(ckpt_path, lambda f: torch.save(payload, f), overwrite=False)
-        logger.info("unfused checkpoint (to fine-tune again from): %s", ckpt_path)
-    logger.info("held-out Dice %.4f -> %.4f; fused weights written to %s", before, after, path)
+    commit = cancel.committing() if isinstance(cancel, SignalCancel) else contextlib.nullcontext()
+    with commit:
+        cancelled("before writing")
+        path = _write_result(model, out_dir, stem, metadata, size, data_dir, epochs_done, after)
+    logger.info(
+        "held-out Dice %s -> %s; fused weights written to %s",
+        before,
+        after,
+        path,
+    )
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code."""
+def _write_result(
+    model: LVUNet,
+    out_dir: Path,
+    stem: str,
+    metadata: dict[str, Any],
+    size: tuple[int, int],
+    data_dir: Path,
+    epochs_done: int,
+    after: float | None,
+) -> Path:
+    from napari_lvunet.weights import save_weights
+
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # One name free for both files, so that the .pt beside the weights is their own.
+        stem = _free_stem(out_dir, stem, (".safetensors", ".pt"))
+        path = out_dir / f"{stem}.safetensors"
+        save_weights(model, path, metadata)
+        if not model.fused:
+            ckpt_path = path.with_suffix(".pt")
+            payload = {
+                "format": CHECKPOINT_FORMAT,
+                "model": model.state_dict(),
+                "model_config": model.config,
+                "epoch": epochs_done,
+                "act_learn": 1.0,
+                "metrics": {"heldout_dice": after},
+                "config": {
+                    "size": list(size),
+                    "data": data_dir.resolve().name,
+                    "finetune": metadata,
+                },
+            }
+            try:
+                atomic_write(ckpt_path, lambda f: torch.save(payload, f), overwrite=False)
+            except BaseException:
+                path.unlink(missing_ok=True)  # the pair is written as a unit
+                raise
+            logger.info("unfused checkpoint (to fine-tune again from): %s", ckpt_path)
+    except OSError as err:
+        if created:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise FinetuneError(
+            f"cannot write the result to {out_dir}: {err.strerror or err}"
+        ) from None
+    return path
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m training.finetune",
         description=(
             "Fine-tune LV-UNet on a folder with images/ and masks/ (stems matched; png/jpg/tif) "
             "and write fused .safetensors weights for the plugin's 'Load weights from file'. "
             "A small held-out part reports Dice before and after."
+        ),
+        epilog=(
+            "Exit codes: 0 done, 1 error, 2 bad command line, 3 cancelled (SIGTERM or "
+            "SIGINT; nothing is written). With --progress json every event is one line "
+            "'@lvunet {json}' on stdout (start, step, eval, done / error / cancelled) and "
+            "all other output goes to stderr."
         ),
     )
     p.add_argument("--data", required=True, metavar="DIR", help="folder with images/ and masks/")
@@ -358,21 +628,117 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="registry name, fused .safetensors, or training checkpoint .pt (preferred)",
     )
     p.add_argument("--out", metavar="DIR", help="output folder (default DATA/finetuned)")
-    p.add_argument("--epochs", type=int, default=30, help="epochs (default 30)")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per step (default 8)")
+    p.add_argument("--epochs", type=_at_least(1), default=30, help="epochs (default 30)")
+    p.add_argument(
+        "--lr", type=_positive_float, default=1e-4, help="Adam learning rate (default 1e-4)"
+    )
+    p.add_argument("--batch-size", type=_at_least(1), default=8, help="images per step (default 8)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, mps")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    args = p.parse_args(argv)
+    p.add_argument(
+        "--max-minutes",
+        type=_positive_float,
+        metavar="M",
+        help="stop training after M minutes (at a step boundary) and write the result",
+    )
+    p.add_argument(
+        "--progress",
+        choices=("bar", "json", "none"),
+        help="bar: a progress bar (default on a terminal); json: one '@lvunet {...}' event "
+        "per line on stdout, everything else on stderr; none: one line per epoch",
+    )
+    return p
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def _json_stdout() -> TextIO:
+    """The real stdout, for event lines only; fd 1 and ``sys.stdout`` now go to stderr.
+
+    Redirecting the file descriptor too keeps stray output of libraries (C code
+    included) out of the event stream.
+    """
+    sys.stdout.flush()
+    events_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return os.fdopen(events_fd, "w", buffering=1, encoding="utf-8")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code (see the module docstring)."""
+    args = _parser().parse_args(argv)
+    mode = args.progress or ("bar" if sys.stderr.isatty() else "none")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    writer: EventWriter | None = None
+    out = sys.stdout
+    if mode == "json":
+        writer = EventWriter(_json_stdout())
+        out = sys.stderr
+
+    def say(message: str) -> None:
+        print(message, file=out, flush=True)
+
+    def report_cancelled() -> None:
+        if writer is not None:
+            writer("cancelled")
+        else:
+            print("cancelled; nothing was written", file=sys.stderr, flush=True)
+
+    cancel = SignalCancel(report_cancelled)
+    if threading.current_thread() is threading.main_thread():
+        cancel.install()
+    bar = None
+
+    def on_event(name: str, **fields: Any) -> None:
+        nonlocal bar
+        if writer is not None:
+            writer(name, **fields)
+        elif mode == "bar" and name == "start":
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=fields["total_steps"], desc="fine-tuning", unit="step")
+        elif bar is not None and name == "step":
+            bar.set_postfix(epoch=f"{fields['epoch']}/{fields['epochs']}", loss=fields["loss"])
+            bar.update()
 
     def report(epoch: int, total: int, m: dict[str, float]) -> None:
-        print(
-            f"epoch {epoch}/{total}  loss {m['loss']:.4f}  train Dice {m['train_dice']:.4f}  "
-            f"held-out Dice {m['heldout_dice']:.4f}",
-            flush=True,
-        )
+        if writer is None:
+            line = (
+                f"epoch {epoch}/{total}  loss {m['loss']:.4f}  train Dice {m['train_dice']:.4f}  "
+                f"held-out Dice {m['heldout_dice']:.4f}"
+            )
+            (bar.write if bar is not None else say)(line)
+
+    def fail(message: str) -> int:
+        if writer is not None:
+            writer("error", message=message)
+        else:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        return EXIT_ERROR
 
     try:
         path = finetune(
@@ -382,25 +748,45 @@ def main(argv: Sequence[str] | None = None) -> int:
             epochs=args.epochs,
             lr=args.lr,
             progress=report,
+            events=on_event,
+            cancel=cancel,
+            max_minutes=args.max_minutes,
             seed=args.seed,
             batch_size=args.batch_size,
             device=args.device,
             precision=args.precision,
         )
-    except (DatasetError, FinetuneError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except FinetuneCancelled:
+        report_cancelled()
+        return EXIT_CANCELLED
+    except (DatasetError, FinetuneError, CheckpointError) as err:
+        return fail(str(err))
+    except (MemoryError, torch.OutOfMemoryError):
+        return fail("out of memory while fine-tuning: lower --batch-size, or free memory and retry")
+    except Exception as err:  # a crash: the traceback for a bug report, then one line
+        traceback.print_exc(file=sys.stderr)
+        first = (str(err).strip().splitlines() or [""])[0]
+        return fail(f"fine-tuning failed: {type(err).__name__}: {first}")
+    finally:
+        if bar is not None:
+            bar.close()
     from napari_lvunet.weights import read_metadata
 
     m = read_metadata(path)["metrics"]
-    print(
-        f"held-out Dice: {m['heldout_before']['dice']:.4f} before, "
-        f"{m['heldout_after']['dice']:.4f} after"
-    )
-    print(f"fused weights written to {path}")
+    before, after = m["heldout_before"]["dice"], m["heldout_after"]["dice"]
+    if writer is not None:
+        writer(
+            "done",
+            weights=str(path.resolve()),
+            heldout_dice_before=before,
+            heldout_dice_after=after,
+        )
+    if before is not None and after is not None:
+        say(f"held-out Dice: {before:.4f} before, {after:.4f} after")
+    say(f"fused weights written to {path}")
     if path.with_suffix(".pt").is_file():
-        print(f"unfused checkpoint (to fine-tune again from): {path.with_suffix('.pt')}")
-    return 0
+        say(f"unfused checkpoint (to fine-tune again from): {path.with_suffix('.pt')}")
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -52,8 +52,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from napari_lvunet.io import atomic_write
 from napari_lvunet.inference import bf16_supported, resolve_device
+from napari_lvunet.io import atomic_write
 from napari_lvunet.model import SIZE_DIVISOR, LVUNet
 from napari_lvunet.preprocess import TRAIN_SIZE, normalize, resize
 from napari_lvunet.weights import code_version

@@ -1,0 +1,256 @@
+"""``python -m training.finetune`` as the napari widget runs it: a real child process on
+tiny generated data, read through its ``@lvunet`` event lines and exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from napari_lvunet._torch import TRAIN_INSTALL
+from napari_lvunet.cancel import Cancelled
+from training.events import (
+    EXIT_CANCELLED,
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_USAGE,
+    PREFIX,
+    format_event,
+    parse_event,
+)
+from training.finetune import FinetuneCancelled
+
+REPO = Path(__file__).resolve().parent.parent
+SIZE = 128
+
+
+def _make_folder(root: Path, n: int = 6) -> Path:
+    """n image/mask pairs at 128 px: a bright disc and its mask."""
+    rng = np.random.default_rng(7)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        image = (rng.random((SIZE, SIZE, 3)) * 60).astype(np.uint8)
+        yy, xx = np.mgrid[:SIZE, :SIZE]
+        cy, cx = rng.integers(32, 96, size=2)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 < 25**2
+        image[disc] += np.array([170, 80, 40], np.uint8)
+        Image.fromarray(image).save(root / "images" / f"c{i}.png")
+        Image.fromarray(disc.astype(np.uint8) * 255).save(root / "masks" / f"c{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def start_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Fused weights of an untrained network at 128 px: a real start for fine-tuning."""
+    from napari_lvunet.model import LVUNet
+    from napari_lvunet.weights import save_weights
+
+    folder = tmp_path_factory.mktemp("weights")
+    return save_weights(
+        LVUNet(1, fused=True), folder / "start.safetensors", {"train_size": [SIZE, SIZE]}
+    )
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    return _make_folder(tmp_path / "corrections")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
+
+
+def _command(folder: Path, weights: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "training.finetune", "--data", str(folder),
+        "--weights", str(weights), "--batch-size", "2", "--device", "cpu",
+        "--precision", "fp32", *extra,
+    ]  # fmt: skip
+
+
+def _events(stdout: str) -> list[dict]:
+    lines = stdout.splitlines()
+    # In json mode stdout carries event lines and nothing else.
+    assert all(line.startswith(PREFIX) for line in lines), stdout
+    return [parse_event(line) for line in lines]
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_event_lines_round_trip_and_reject_non_finite_numbers() -> None:
+    line = format_event("step", step=1, loss=float("nan"), eta_s=float("inf"))
+    assert line == '@lvunet {"event":"step","step":1,"loss":null,"eta_s":null}'
+    assert parse_event(line + "\n") == {"event": "step", "step": 1, "loss": None, "eta_s": None}
+    assert parse_event("epoch 1/2 loss 0.3") is None
+    with pytest.raises(ValueError):
+        parse_event(PREFIX + "[1, 2]")
+    assert issubclass(FinetuneCancelled, Cancelled)
+
+
+def test_json_progress_reports_every_step_then_done(
+    folder: Path, start_weights: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    cmd = _command(folder, start_weights, "--epochs", "2", "--out", str(out), "--progress", "json")
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == EXIT_OK, proc.stderr[-3000:]
+    events = _events(proc.stdout)
+    start, *rest, done = events
+    # 6 pairs: 1 held out, 5 trained on in batches of 2 -> 3 steps per epoch
+    assert start == {
+        "event": "start",
+        "pairs": 6,
+        "train_pairs": 5,
+        "heldout_pairs": 1,
+        "total_steps": 6,
+        "epochs": 2,
+    }
+    steps = [e for e in rest if e["event"] == "step"]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4, 5, 6]
+    assert [e["epoch"] for e in steps] == [1, 1, 1, 2, 2, 2]
+    for e in steps:
+        assert e["total_steps"] == 6 and e["epochs"] == 2
+        assert np.isfinite(e["loss"]) and e["elapsed_s"] >= 0 and e["eta_s"] >= 0
+    assert steps[-1]["eta_s"] == 0
+    assert [e["epoch"] for e in rest if e["event"] == "eval"] == [0, 1, 2]
+    assert {e["event"] for e in rest} == {"step", "eval"}
+    assert done["event"] == "done"
+    weights = Path(done["weights"])
+    assert weights.is_absolute() and weights.parent == out and weights.is_file()
+    assert 0 <= done["heldout_dice_before"] <= 1 and 0 <= done["heldout_dice_after"] <= 1
+    # The human-readable summary went to stderr.
+    assert f"fused weights written to {weights}" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("signum", "after"),
+    [(signal.SIGTERM, "step"), (signal.SIGINT, "step"), (signal.SIGTERM, "start")],
+    ids=["sigterm-mid-training", "sigint-mid-training", "sigterm-while-loading"],
+)
+def test_a_signal_cancels_within_a_second_and_writes_nothing(
+    signum: int, after: str, folder: Path, start_weights: Path, tmp_path: Path
+) -> None:
+    before = _files(tmp_path)
+    cmd = _command(folder, start_weights, "--epochs", "500", "--progress", "json")
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        seen = []
+        for line in proc.stdout:
+            seen.append(parse_event(line))
+            if seen[-1]["event"] == after:
+                break
+        assert seen and seen[-1]["event"] == after, proc.stderr.read()[-3000:]
+        sent = time.monotonic()
+        proc.send_signal(signum)
+        code = proc.wait(timeout=30)
+        took = time.monotonic() - sent
+        rest = proc.stdout.read()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert code == EXIT_CANCELLED, proc.stderr.read()[-3000:]
+    assert _events(rest)[-1] == {"event": "cancelled"}
+    assert took < 5.0  # promised: 1 s; generous here for a loaded test machine
+    # Nothing written: no weights, no temporary file, no (empty) output folder.
+    assert _files(tmp_path) == before
+    assert not (folder / "finetuned").exists()
+
+
+def test_a_crash_on_bad_data_is_an_error_event_and_exit_1(
+    folder: Path, start_weights: Path
+) -> None:
+    (folder / "images" / "c3.png").write_bytes(b"not a png at all")
+    before = _files(folder)
+    cmd = _command(folder, start_weights, "--epochs", "1", "--progress", "json")
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == EXIT_ERROR
+    events = _events(proc.stdout)
+    assert [e["event"] for e in events][-1] == "error"
+    assert "step" not in {e["event"] for e in events}
+    message = events[-1]["message"]
+    assert "cannot read" in message and "c3.png" in message and "\n" not in message
+    assert _files(folder) == before
+
+
+def test_time_limit_stops_at_a_step_and_still_writes_the_result(
+    folder: Path, start_weights: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    cmd = _command(
+        folder, start_weights, "--epochs", "200", "--out", str(out), "--progress", "json",
+        "--max-minutes", "0.002",
+    )  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == EXIT_OK, proc.stderr[-3000:]
+    events = _events(proc.stdout)
+    steps = [e["step"] for e in events if e["event"] == "step"]
+    assert 1 <= len(steps) < 600 and steps == list(range(1, len(steps) + 1))
+    assert events[-1]["event"] == "done"
+    from napari_lvunet.weights import read_metadata
+
+    meta = read_metadata(Path(events[-1]["weights"]))
+    assert meta["finetune"]["steps"] == len(steps) and meta["finetune"]["total_steps"] == 600
+    assert meta["finetune"]["stopped_at_time_limit_minutes"] == 0.002
+    assert "time limit" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [["--epochs", "0"], ["--lr", "inf"], ["--lr", "-1e-3"], ["--batch-size", "0"],
+     ["--max-minutes", "0"], ["--progress", "xml"]],
+    ids=["epochs", "lr-inf", "lr-negative", "batch-size", "max-minutes", "progress"],
+)  # fmt: skip
+def test_bad_options_are_usage_errors(bad: list[str], folder: Path, start_weights: Path) -> None:
+    before = _files(folder)
+    cmd = _command(folder, start_weights, *bad)
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == EXIT_USAGE
+    assert bad[0] in proc.stderr and proc.stdout == ""
+    assert _files(folder) == before
+
+
+@pytest.mark.parametrize("command", ["train", "finetune", "evaluate", "export"])
+def test_without_torch_every_command_names_the_install_line(command: str, tmp_path: Path) -> None:
+    # A sitecustomize makes torch unimportable, as on a core install.
+    (tmp_path / "sitecustomize.py").write_text('import sys\nsys.modules["torch"] = None\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", f"training.{command}", "--help"],
+        cwd=REPO,
+        env=_env(PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        f"error: training needs PyTorch, which is not installed here; install it with: "
+        f"{TRAIN_INSTALL}"
+    ]
+    assert proc.stdout == ""
+
+
+def test_events_parse_on_the_widget_side_without_torch() -> None:
+    # The widget imports training.events in napari's process, which never imports torch.
+    code = (
+        "import sys; import training.events as e; "
+        "assert e.parse_event(e.format_event('cancelled')) == {'event': 'cancelled'}; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(format_event("x", a=[1.5])[len(PREFIX) :]) == {"event": "x", "a": [1.5]}
