@@ -3,13 +3,16 @@
 Data flows one way: image layer -> ``inference.Segmenter`` -> labels -> Labels layer, and
 Labels layer -> ``_annotations.save_for_training`` -> folder -> ``training.finetune`` ->
 weights -> model picker. Everything slow (loading or downloading weights, building the
-ONNX session, segmenting, fine-tuning) runs in a napari thread worker, so the window never
-freezes; every failure ends as a napari notification.
+ONNX session, segmenting) runs in a napari thread worker, so the window never freezes;
+fine-tuning runs in a child process (``_finetune_job``), so napari never imports torch
+and survives a crash or an out-of-memory kill of the training. Every failure ends as a
+napari notification.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import threading
 import warnings
@@ -31,6 +34,7 @@ from magicgui.widgets import (
     ProgressBar,
     PushButton,
     SpinBox,
+    TextEdit,
 )
 from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
@@ -47,6 +51,8 @@ from ._annotations import (
     safe_stem,
     save_for_training,
 )
+from ._finetune_job import FinetuneJob, FinetuneResult, FinetuneStep, finetune_argv
+from ._torch import TRAIN_INSTALL, torch_installed
 from .inference import SegmentationCancelled, Segmenter, resolve_device
 
 if TYPE_CHECKING:
@@ -68,6 +74,15 @@ class _Progress(QObject):
 
     changed = Signal(int, int)
     message = Signal(str)
+
+
+class _JobSignals(QObject):
+    """Carries a fine-tune child's events from its reader thread to the GUI thread."""
+
+    step = Signal(object)  # FinetuneStep
+    done = Signal(object)  # FinetuneResult
+    failed = Signal(str)
+    cancelled = Signal()
 
 
 class _DownloadProgress:
@@ -199,6 +214,12 @@ class LVUNetWidget(Container):
         self._progress = _Progress()
         self._progress.changed.connect(self._on_progress)
         self._progress.message.connect(self._on_message)
+        self._job: FinetuneJob | None = None  # the fine-tune child process, if running
+        self._job_signals = _JobSignals()
+        self._job_signals.step.connect(self._on_finetune_step)
+        self._job_signals.done.connect(self._on_finetuned)
+        self._job_signals.failed.connect(self._on_finetune_failed)
+        self._job_signals.cancelled.connect(self._on_finetune_cancelled)
 
         self.image = ComboBox(label="Image", choices=self._image_choices)
         self.model = ComboBox(label="Model", choices=self._model_choices)
@@ -236,6 +257,9 @@ class LVUNetWidget(Container):
         self.command.native.setReadOnly(True)
         self.epochs = SpinBox(label="Epochs", min=1, max=1000, value=30)
         self.finetune_button = PushButton(text="Fine-tune")
+        self.details = TextEdit(label="Messages", value="")
+        self.details.native.setReadOnly(True)
+        self.details.native.setMaximumHeight(90)
 
         self.extend(
             [
@@ -261,6 +285,7 @@ class LVUNetWidget(Container):
                 self.command,
                 self.epochs,
                 self.finetune_button,
+                self.details,
             ]
         )
 
@@ -287,6 +312,8 @@ class LVUNetWidget(Container):
             self.native.objectName()
         except RuntimeError:  # deleted with its window: stop listening to the viewer
             self._cancel.set()
+            if self._job is not None:
+                self._job.cancel()
             for emitter, callback in self._viewer_connections():
                 emitter.disconnect(callback)
             return False
@@ -305,7 +332,7 @@ class LVUNetWidget(Container):
     @property
     def busy(self) -> bool:
         """Whether a Segment, Fine-tune or live-preview job is running."""
-        return self._worker is not None or self._preview_worker is not None
+        return self._worker is not None or self._preview_worker is not None or self._job is not None
 
     # ----------------------------------------------------------------- pickers
     def _image_choices(self, _widget: ComboBox) -> list[tuple[str, Image]]:
@@ -490,6 +517,8 @@ class LVUNetWidget(Container):
     def cancel(self) -> None:
         """Ask the running Segment or Fine-tune job to stop (the Cancel button)."""
         self._cancel.set()
+        if self._job is not None:
+            self._job.cancel()  # SIGTERM; the child stops within a second or is killed
         self.status.value = "cancelling..."
 
     def _start(self, func: Any, *args: Any, on_returned: Any, status: str) -> None:
@@ -830,8 +859,13 @@ class LVUNetWidget(Container):
         return pairs
 
     def finetune(self) -> None:
-        """Fine-tune the current model on the dataset folder in a worker (the button)."""
-        if self._worker is not None:
+        """Fine-tune the current model on the dataset folder in a child process (the button).
+
+        The child is ``python -m training.finetune ... --progress json``; napari's process
+        never imports torch, and a crash or out-of-memory kill of the child ends as a
+        notification. On success the new weights are added to the model picker and chosen.
+        """
+        if self._worker is not None or self._job is not None:
             show_warning("LV-UNet is busy: wait for the running job, or press Cancel.")
             return
         folder = self.data_dir.value
@@ -841,36 +875,83 @@ class LVUNetWidget(Container):
         if self.model.value is None:
             show_error("No model selected to fine-tune.")
             return
-        try:
-            # One-way rule: napari_lvunet imports training only here, when asked to train.
-            from training.finetune import finetune
-        except ImportError as err:
-            show_error(f"The training package is not available ({err}).")
+        if not torch_installed() or importlib.util.find_spec("training") is None:
+            # The install line goes where it can be read whole and copied, not in a toast.
+            self.command.value = TRAIN_INSTALL
+            self._show_details(
+                "Fine-tuning needs PyTorch and the training package, which are not "
+                f"installed in this Python. Install them with:\n{TRAIN_INSTALL}\n"
+                "then restart napari."
+            )
+            self.status.value = "fine-tuning needs PyTorch"
+            show_error(
+                "Fine-tuning needs PyTorch: copy the install command from the "
+                "'Fine-tune command' field."
+            )
             return
-        self._cancel = threading.Event()
-        self._start(
-            self._run_finetune,
-            finetune,
-            Path(folder),
-            self.model.value,
-            int(self.epochs.value),
-            self._cancel,
-            on_returned=self._on_finetuned,
-            status=f"fine-tuning on {folder}...",
+        signals = self._job_signals
+        job = FinetuneJob(
+            finetune_argv(folder, self.model.value, epochs=int(self.epochs.value)),
+            on_progress=signals.step.emit,
+            on_done=signals.done.emit,
+            on_error=signals.failed.emit,
+            on_cancelled=signals.cancelled.emit,
         )
-
-    def _run_finetune(
-        self, finetune: Any, folder: Path, key: str, epochs: int, cancel: threading.Event
-    ) -> Path:
-        weights_path = self._loaded_model(key).path
-
-        def progress(epoch: int, total: int, _metrics: Any) -> None:
-            self._progress.changed.emit(epoch, total)
-
-        return finetune(folder, weights_path, epochs=epochs, progress=progress, cancel=cancel)
+        try:
+            job.start()
+        except OSError as err:
+            show_error(f"LV-UNet: fine-tuning could not start: {err}")
+            return
+        self._job = job
+        self.progress.max, self.progress.value = 1, 0
+        self.status.value = f"fine-tuning on {Path(folder).name}: starting..."
+        self._show_details(f"Fine-tuning (process {job.pid}):\n{' '.join(job.argv)}")
+        self.segment_button.enabled = self.finetune_button.enabled = False
+        self.cancel_button.enabled = True
 
     @_if_alive
-    def _on_finetuned(self, path: Path) -> None:
-        self.add_weights_file(path)
-        self.status.value = f"fine-tuned: {Path(path).name}"
-        show_info(f"LV-UNet: fine-tuned weights saved to {path} and selected.")
+    def _on_finetune_step(self, step: FinetuneStep) -> None:
+        self.progress.max = max(step.total_steps, 1)
+        self.progress.value = min(step.step, self.progress.max)
+        self.status.value = f"fine-tuning: {step.describe()}"
+
+    def _job_ended(self) -> None:
+        self._job = None
+        self.segment_button.enabled = self.finetune_button.enabled = True
+        self.cancel_button.enabled = False
+
+    @_if_alive
+    def _on_finetuned(self, result: FinetuneResult) -> None:
+        self._job_ended()
+        self.progress.value = self.progress.max
+        self.add_weights_file(result.weights)
+        dice = ""
+        if result.heldout_dice_before is not None and result.heldout_dice_after is not None:
+            dice = (
+                f" (held-out Dice {result.heldout_dice_before:.3f} -> "
+                f"{result.heldout_dice_after:.3f})"
+            )
+        self.status.value = f"fine-tuned: {result.weights.name}{dice}"
+        self._show_details(f"Fine-tuned weights{dice}:\n{result.weights}")
+        show_info(f"LV-UNet: fine-tuned weights{dice} saved and selected.")
+
+    @_if_alive
+    def _on_finetune_failed(self, message: str) -> None:
+        self._job_ended()
+        self.status.value = "fine-tuning failed"
+        logger.error("LV-UNet fine-tuning failed: %s", message)
+        self._show_details(message)
+        first_line = message.split("\n", 1)[0]
+        more = " (details in the widget's Messages field)" if "\n" in message else ""
+        show_error(f"LV-UNet: {first_line}{more}")
+
+    @_if_alive
+    def _on_finetune_cancelled(self) -> None:
+        self._job_ended()
+        self.status.value = "cancelled"
+        self._show_details("Fine-tuning cancelled; nothing was written.")
+        show_info("LV-UNet: fine-tuning cancelled; nothing was written.")
+
+    def _show_details(self, text: str) -> None:
+        """Put a long message (a command, an error's details) where it can be read whole."""
+        self.details.value = text

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import functools
 import http.server
+import os
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,19 +119,24 @@ def test_save_for_training_scales_float_gray_and_checks_shapes(tmp_path: Path) -
 # ------------------------------------------------------------- the dock widget
 
 
+# Random fused weights, written by a child so that this process never imports torch.
+_MAKE_WEIGHTS = """
+import sys, torch
+from napari_lvunet.model import LVUNet
+from napari_lvunet.weights import save_weights
+torch.manual_seed(1)
+model = LVUNet(act_num=1)
+model.set_act_learn(1.0)
+save_weights(model, sys.argv[1], {"dataset": "none: random weights for tests"})
+"""
+
+
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random LV-UNet at the end of deep training, fused and saved like a real model."""
-    import torch
-
-    from napari_lvunet.model import LVUNet
-    from napari_lvunet.weights import save_weights
-
-    torch.manual_seed(1)
-    model = LVUNet(act_num=1)
-    model.set_act_learn(1.0)
     path = tmp_path_factory.mktemp("weights") / "random.safetensors"
-    return save_weights(model, path, {"dataset": "none: random weights for tests"})
+    subprocess.run([sys.executable, "-c", _MAKE_WEIGHTS, str(path)], check=True, timeout=300)
+    return path
 
 
 class _Notes:
@@ -485,27 +494,49 @@ def _tiny_folder(root: Path, n: int = 3, size: int = 128) -> Path:
     return root
 
 
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
 @pytest.mark.gui
 @pytest.mark.slow
 def test_finetune_from_widget_selects_new_weights(viewer_widget, qtbot, notes, tmp_path) -> None:
+    torch_before = "torch" in sys.modules
     viewer, widget = viewer_widget
-    folder = _tiny_folder(tmp_path / "corrections")
+    folder = _tiny_folder(tmp_path / "corrections", n=5)
     widget.data_dir.value = folder
-    widget.epochs.value = 1
+    widget.epochs.value = 2
     before = widget.model.value
+    statuses: list[str] = []
+    # Connected after the widget's own slot: sees the status each step left.
+    widget._job_signals.step.connect(lambda _step: statuses.append(widget.status.value))
     widget.finetune()
-    assert not widget.segment_button.enabled  # one job at a time
-    _wait_idle(qtbot, widget, timeout=180_000)
+    job = widget._job
+    assert job is not None and job.pid is not None  # a child process, not a thread here
+    assert not widget.segment_button.enabled and widget.cancel_button.enabled
+    _wait_idle(qtbot, widget, timeout=300_000)
     assert not notes.messages("error"), notes.messages("error")
+    assert _gone(job.pid)
     new = Path(widget.model.value)
     assert widget.model.value != before and new.parent == folder / "finetuned"
     assert new.suffix == ".safetensors" and widget.model.current_choice == f"{new.name} (file)"
-    assert (widget.progress.value, widget.progress.max) == (1, 1)
+    # 4 training images (one of 5 held out) at 8 per step: one step per epoch, 2 in all;
+    # every step was shown with its epoch, loss and time left.
+    steps = [s for s in statuses if s.startswith("fine-tuning: epoch")]
+    assert steps[0].startswith("fine-tuning: epoch 1 of 2, loss ")
+    assert "left" in steps[0] and steps[-1].startswith("fine-tuning: epoch 2 of 2")
+    assert (widget.progress.value, widget.progress.max) == (2, 2)
+    assert widget.status.value.startswith(f"fine-tuned: {new.name} (held-out Dice ")
+    assert str(new) in widget.details.value
+    assert widget.segment_button.enabled and not widget.cancel_button.enabled
+    # napari's process never imported torch for this (checkable where nothing else did).
+    assert ("torch" in sys.modules) == torch_before
 
     # The new weights are what the next segmentation uses.
-    from napari_lvunet.weights import load_model
-
-    assert load_model(new).metadata["base_weights"]["sha256"] != load_model(new).sha256
     viewer.add_image(np.random.default_rng(7).integers(0, 256, (128, 128), np.uint8), name="x")
     widget.segment()
     _wait_idle(qtbot, widget)
@@ -515,17 +546,66 @@ def test_finetune_from_widget_selects_new_weights(viewer_widget, qtbot, notes, t
 
 
 @pytest.mark.gui
-def test_finetune_cancel_writes_nothing(viewer_widget, qtbot, notes, tmp_path) -> None:
+@pytest.mark.slow
+def test_finetune_cancel_ends_the_child_and_writes_nothing(viewer_widget, qtbot, notes, tmp_path):
     _viewer, widget = viewer_widget
-    folder = _tiny_folder(tmp_path / "corrections")
+    folder = _tiny_folder(tmp_path / "corrections", n=5)
     widget.data_dir.value = folder
+    widget.epochs.value = 500
     before = widget.model.choices
     widget.finetune()
+    job = widget._job
+    qtbot.waitUntil(lambda: widget.status.value.startswith("fine-tuning: epoch"), timeout=300_000)
+    t0 = time.monotonic()
     widget.cancel()
-    _wait_idle(qtbot, widget, timeout=120_000)
+    assert widget.status.value == "cancelling..."
+    _wait_idle(qtbot, widget, timeout=10_000)
+    assert time.monotonic() - t0 < 5.0
+    assert _gone(job.pid) and job.returncode is not None
     assert widget.status.value == "cancelled"
     assert any("cancelled" in m for m in notes.messages("info"))
-    assert widget.model.choices == before and not (folder / "finetuned").exists()
+    assert not notes.messages("error")
+    assert widget.model.choices == before
+    assert not (folder / "finetuned").exists() or not any((folder / "finetuned").iterdir())
+    assert widget.segment_button.enabled and widget.finetune_button.enabled
+
+
+@pytest.mark.gui
+@pytest.mark.slow
+def test_failing_finetune_child_is_a_notification(viewer_widget, qtbot, notes, tmp_path) -> None:
+    viewer, widget = viewer_widget
+    folder = tmp_path / "no pairs"
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    widget.data_dir.value = folder
+    widget.epochs.value = 1
+    widget.finetune()
+    _wait_idle(qtbot, widget, timeout=300_000)
+    (message,) = notes.messages("error")
+    assert message.startswith("LV-UNet: fine-tuning failed: ") and "no pairs" in message
+    assert widget.status.value == "fine-tuning failed"
+    assert "no pairs" in widget.details.value  # the whole message, readable and copyable
+    # napari and the widget carry on: the buttons work again, the viewer takes layers.
+    assert widget.segment_button.enabled and widget.finetune_button.enabled
+    viewer.add_image(np.zeros((64, 64), np.uint8), name="still alive")
+    assert "still alive" in viewer.layers and not widget.busy
+
+
+@pytest.mark.gui
+def test_finetune_without_torch_names_the_install_line(viewer_widget, notes, tmp_path, monkeypatch):
+    from napari_lvunet import _widget
+    from napari_lvunet._torch import TRAIN_INSTALL
+
+    _viewer, widget = viewer_widget
+    widget.data_dir.value = _tiny_folder(tmp_path / "corrections")
+    # The probe the widget asks, answering as it does in a core install without torch.
+    monkeypatch.setattr(_widget, "torch_installed", lambda: False)
+    widget.finetune()
+    assert widget._job is None and not widget.busy
+    assert widget.command.value == TRAIN_INSTALL  # whole, in a field that can be copied
+    assert TRAIN_INSTALL in widget.details.value
+    (message,) = notes.messages("error")
+    assert "needs PyTorch" in message and "Fine-tune command" in message
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
