@@ -14,7 +14,7 @@ import numpy as np
 
 from .io import read_image
 
-__all__ = ["SAMPLE_DIR", "polyp", "polyp_stack"]
+__all__ = ["SAMPLE_DIR", "polyp", "polyp_stack", "polyp_video"]
 
 #: Folder holding the sample files inside the installed package.
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
@@ -60,6 +60,31 @@ def polyp_stack() -> list[LayerDataTuple]:
         (
             masks,
             {"name": "polyp stack ground truth", "visible": False, "metadata": meta},
+            "labels",
+        ),
+    ]
+
+
+def polyp_video() -> list[LayerDataTuple]:
+    """A 4-second, 25 fps colonoscopy-like video (pan and zoom over three test frames).
+
+    Returns:
+        Two napari layer-data tuples: the lazy ``(100, 360, 448, 3)`` RGB video
+        (``"polyp video"``, decoded frame by frame; its metadata holds the frame rate) and
+        the ground truth moved the same way, ``(100, 360, 448)``, as a hidden Labels layer.
+    """
+    from ._reader import read_video
+
+    ((video, kwargs, kind),) = read_video(SAMPLE_DIR / "kvasir_video.mp4")
+    kwargs["name"] = "polyp video"
+    kwargs["metadata"]["source"] = _ATTRIBUTION
+    masks = read_image(SAMPLE_DIR / "kvasir_video_masks.tif").astype(np.uint8)
+    meta = {"source": _ATTRIBUTION}
+    return [
+        (video, kwargs, kind),
+        (
+            masks,
+            {"name": "polyp video ground truth", "visible": False, "metadata": meta},
             "labels",
         ),
     ]

@@ -16,13 +16,14 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 
-__all__ = ["TIFF_SUFFIXES", "atomic_write", "read_image"]
+__all__ = ["TIFF_SUFFIXES", "atomic_write", "read_image", "staged_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,64 @@ def atomic_write(
     _fsync_dir(path.parent)
     logger.debug("wrote %s", path)
     return path
+
+
+@contextmanager
+def staged_files(
+    paths: Sequence[str | os.PathLike[str]], *, overwrite: bool
+) -> Iterator[list[Path]]:
+    """Write several files that land together: temporary names first, real names at the end.
+
+    For outputs that belong together (a mask and its overlay, a mask video, its overlay
+    video and its per-frame table): the caller writes each file under the temporary name
+    yielded for it, by path, with any writer (PyAV, Pillow, ``csv``). When the ``with``
+    block ends without an error, every file is fsynced and moved into place as
+    :func:`atomic_write` does; when it raises, nothing is moved and the temporary files
+    are removed.
+
+    Args:
+        paths: Destination files; their folders must exist.
+        overwrite: Replace existing destinations. When False and any destination exists,
+            none is moved (``FileExistsError``); one created meanwhile by someone else
+            makes the files already moved by this call go away again.
+
+    Yields:
+        The temporary paths, in the order of ``paths``.
+
+    Raises:
+        FileExistsError: If a destination exists and ``overwrite`` is False.
+        OSError: If a folder is missing or not writable, or the disk is full.
+    """
+    targets = [Path(p) for p in paths]
+    temps: list[Path] = []
+    try:
+        for target in targets:
+            tmp, file = _create_temp(target)
+            file.close()
+            temps.append(tmp)
+        yield list(temps)
+        if not overwrite:
+            for target in targets:
+                if target.exists():
+                    raise FileExistsError(f"{target} already exists; pass overwrite=True")
+        for tmp in temps:
+            with open(tmp, "rb+") as file:
+                os.fsync(file.fileno())
+        moved: list[Path] = []
+        try:
+            for tmp, target in zip(temps, targets, strict=True):
+                _move_into_place(tmp, target, overwrite)
+                moved.append(target)
+        except BaseException:
+            if not overwrite:  # only files this call linked, never one that was there
+                for target in moved:
+                    target.unlink(missing_ok=True)
+            raise
+    finally:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+    for folder in {t.parent for t in targets}:
+        _fsync_dir(folder)
 
 
 def _create_temp(path: Path) -> tuple[Path, BinaryIO]:

@@ -63,7 +63,7 @@ def _check_probe(python: str, cwd: Path) -> dict:
     assert "valid" in validated
     probe = json.loads(_run([python, "-c", _PROBE], cwd).strip().splitlines()[-1])
     assert probe["widgets"] == ["LV-UNet segmentation"]
-    assert probe["samples"] == ["polyp", "polyp_stack"]
+    assert probe["samples"] == ["polyp", "polyp_stack", "polyp_video"]
     assert probe["kinds"] == ["image", "labels", "image", "labels"]
     assert probe["shapes"] == [[530, 621, 3], [530, 621], [5, 256, 320, 3], [5, 256, 320]]
     return probe
