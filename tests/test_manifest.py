@@ -10,11 +10,13 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import sysconfig
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -127,6 +129,7 @@ def test_wheel_carries_manifest_and_samples(tmp_path: Path) -> None:
         tmp_path,
     )  # fmt: skip
     (wheel,) = dist_dir.glob("napari_lvunet-*.whl")
+    _check_wheel_metadata(wheel)
 
     # A throwaway venv that sees this venv's packages (no downloads) but not its editable
     # napari-lvunet: a plain path line in a .pth adds the folder without running the
@@ -147,3 +150,33 @@ def test_wheel_carries_manifest_and_samples(tmp_path: Path) -> None:
     installed = Path(child_site, "napari_lvunet")
     assert (installed / "napari.yaml").is_file() and not (installed / "napari.yaml").is_symlink()
     assert (installed / "sample_data" / "README.md").is_file()
+    # The bundled model's weights and its ONNX graph: CPU inference runs from the graph.
+    weights_dir = src / "napari_lvunet" / "_weights"
+    shipped = sorted(p.name for p in weights_dir.iterdir() if p.suffix in {".safetensors", ".onnx"})
+    assert {Path(n).suffix for n in shipped} == {".safetensors", ".onnx"}, shipped
+    for name in shipped:
+        copy = installed / "_weights" / name
+        assert copy.is_file(), f"the wheel lacks _weights/{name}"
+        assert copy.read_bytes() == (weights_dir / name).read_bytes()
+
+
+def _check_wheel_metadata(wheel: Path) -> None:
+    """A core install needs no PyTorch; the train extra brings it, and all includes train."""
+    with zipfile.ZipFile(wheel) as zf:
+        (name,) = [n for n in zf.namelist() if n.endswith(".dist-info/METADATA")]
+        metadata = zf.read(name).decode()
+    requires = [
+        line.split(":", 1)[1].strip()
+        for line in metadata.splitlines()
+        if line.startswith("Requires-Dist:")
+    ]
+    core = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in requires if ";" not in r}
+    assert {"numpy", "onnxruntime", "napari", "safetensors", "pooch", "av"} <= core, core
+    assert not core & {"torch", "torchvision", "onnx", "onnxscript", "matplotlib"}, core
+    train = {
+        re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower()
+        for r in requires
+        if r.endswith('extra == "train"')
+    }
+    assert {"torch", "torchvision", "onnx", "onnxscript", "matplotlib"} <= train, train
+    assert any(r.endswith('extra == "all"') and "train" in r for r in requires), requires
