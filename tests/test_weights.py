@@ -13,6 +13,7 @@ import json
 import pickle
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -30,15 +31,18 @@ from napari_lvunet.weights import (
     ModelEntry,
     WeightsError,
     base_url,
+    bundled_dir,
     cache_dir,
     code_version,
     fetch_weights,
     file_sha256,
     is_available_offline,
     load_model,
+    open_weights,
     read_metadata,
     registry,
     save_weights,
+    tensors_sha256,
 )
 
 SIZE = 128
@@ -520,3 +524,106 @@ def test_default_model_is_bundled_and_loads_offline() -> None:
     loaded = load_model(DEFAULT_MODEL)
     assert loaded.sha256 == entry.sha256
     assert loaded.metadata["act_learn"] == 1.0
+
+
+# ------------------------------------------------------------------ bounds, torch-free reading
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m["architecture"].update(act_num=10**9), "act_num is 1000000000"),
+        (lambda m: m["architecture"].update(num_classes=3 * 10**7), "num_classes is 30000000"),
+        (lambda m: m.update(train_size=[512000, 512000]), "train_size is"),
+        (lambda m: m.update(source_size=[0, 10]), "source_size is"),
+        (lambda m: m.update(deep=json.loads("[" * 40 + "]" * 40)), "nested more than 32"),
+    ],
+)
+def test_metadata_is_bounded_before_anything_is_built(
+    weights_file: Path, tmp_path: Path, edit: Callable, message: str
+) -> None:
+    """Each of these once cost gigabytes or crashed; now each is one WeightsError, fast."""
+    meta = read_metadata(weights_file)
+    edit(meta)
+    bad = _rewrite(weights_file, tmp_path / "bad.safetensors", meta=meta)
+    for reader in (open_weights, load_model):
+        start = time.perf_counter()
+        with pytest.raises(WeightsError, match=message):
+            reader(bad)
+        assert time.perf_counter() - start < 5
+
+
+def test_json_nested_past_the_recursion_limit_is_a_weights_error(
+    weights_file: Path, tmp_path: Path
+) -> None:
+    raw = {"napari_lvunet": "[" * 100_000 + "]" * 100_000}
+    bad = _rewrite(weights_file, tmp_path / "deep.safetensors", raw_meta=raw)
+    with pytest.raises(WeightsError, match="nested too deeply"):
+        open_weights(bad)
+
+
+def test_declared_architecture_must_match_the_tensor_headers(
+    weights_file: Path, tmp_path: Path
+) -> None:
+    """A file that claims 2 classes but holds a 1-class head is refused before any model
+    (and its memory) is built."""
+    meta = read_metadata(weights_file)
+    meta["architecture"]["num_classes"] = 2
+    bad = _rewrite(weights_file, tmp_path / "claims2.safetensors", meta=meta)
+    with pytest.raises(WeightsError, match=r"head\.weight \(1, 16, 1, 1\) \(expected \(2, 16"):
+        open_weights(bad)
+
+
+def test_open_weights_checks_like_load_model_without_building_a_model(weights_file: Path) -> None:
+    opened = open_weights(weights_file)
+    loaded = load_model(weights_file)
+    assert (opened.sha256, opened.metadata, opened.path) == (
+        loaded.sha256,
+        loaded.metadata,
+        loaded.path,
+    )
+    assert opened.onnx_path is None  # not a registry model: the engine makes a graph
+    # The numpy tensor hash equals the torch one: one digest for both readers.
+    from safetensors.numpy import load_file as load_numpy
+
+    numpy_tensors = load_numpy(weights_file)
+    assert tensors_sha256(numpy_tensors) == tensors_sha256(load_file(weights_file))
+    assert tensors_sha256(numpy_tensors) == opened.tensors_sha256
+
+
+def test_registry_models_ship_a_verified_graph() -> None:
+    opened = open_weights(DEFAULT_MODEL)
+    entry = registry()[DEFAULT_MODEL]
+    assert opened.onnx_path == bundled_dir() / entry.onnx_filename
+    assert file_sha256(opened.onnx_path) == entry.onnx_sha256 == opened.onnx_sha256
+    # The same file opened by its path is recognised by its bytes and gets the graph too.
+    assert open_weights(opened.path).onnx_path == opened.onnx_path
+
+
+def test_downloaded_graph_is_hash_checked_and_damage_is_refused_at_session_time(
+    weights_file: Path, server, monkeypatch: pytest.MonkeyPatch, _private_cache: Path
+) -> None:
+    from napari_lvunet.inference import Segmenter
+
+    url, root, _ = server
+    good_graph = bundled_dir() / registry()[DEFAULT_MODEL].onnx_filename
+    weights_sha = _serve(weights_file, root)
+    _copy(good_graph, root / "models" / "remote.onnx")
+    entry = ModelEntry(
+        "remote",
+        "remote.safetensors",
+        weights_sha,
+        "a test model",
+        onnx_filename="remote.onnx",
+        onnx_sha256=file_sha256(good_graph),
+    )
+    monkeypatch.setenv("NAPARI_LVUNET_BASE_URL", url)
+    opened = open_weights("remote", registry={"remote": entry})
+    assert opened.onnx_path == _private_cache / "remote.onnx"
+    # Downloads are readable like any other cached file, not private temporaries (0600).
+    assert opened.onnx_path.stat().st_mode & 0o044 == 0o044
+    data = bytearray(opened.onnx_path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle: still parses
+    opened.onnx_path.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="does not match its registered sha256"):
+        Segmenter(opened, device="cpu")

@@ -109,6 +109,8 @@ class Segmenter:
         self.train_size = _train_size(self._source.metadata)
         self.source_size = _size(self._source.metadata.get("source_size"))
         self.source_size_max = _size(self._source.metadata.get("source_size_max"))
+        if bf16 and backend == "onnxruntime":
+            raise ValueError("bf16 runs on the torch backend: use backend='torch'")
         self.device = resolve_device(device)
         if bf16 and not bf16_supported(self.device):
             warnings.warn(

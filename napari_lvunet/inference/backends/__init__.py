@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from ...weights import WeightsError
+
 if TYPE_CHECKING:
     from ..source import ModelSource
 
@@ -58,11 +60,13 @@ def create_runner(
 
     ``backend="auto"`` takes the first backend of :data:`ORDER` that supports the
     combination; where it fails to start (no onnxruntime, a graph that cannot be made) it
-    warns and falls back to the next. A named backend is used or refused, never replaced.
+    warns and falls back to the next. A damaged file is raised, never worked around. A
+    named backend is used or refused, never replaced.
 
     Raises:
         ValueError: For an unknown backend, or one that cannot run this combination.
         ImportError: If a named backend's package is missing.
+        napari_lvunet.weights.WeightsError: If a file fails its integrity check.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: use one of {BACKENDS}")
@@ -78,6 +82,8 @@ def create_runner(
     for position, name in enumerate(candidates):
         try:
             return _module(name).create(source, device, bf16, num_threads, cache_dir)
+        except WeightsError:
+            raise  # a damaged file is reported, never worked around
         except Exception as err:
             if position == len(candidates) - 1:
                 raise
