@@ -7,7 +7,7 @@ remote desktops, many laptops) has already loaded its own libLLVM (issue 9). Eac
 here runs a new interpreter (``sys.executable``) and checks its exit status: a segfault
 is a negative return code.
 
-- The README route: viewer first, then the widget and both samples through napari's own
+- The README route: viewer first, then the widget and every sample through napari's own
   plugin commands, a segmentation through the widget, close, exit 0.
 - CPU inference, the widget module, the sample data and ``napari-lvunet segment`` never
   import torch or torchvision.
@@ -87,8 +87,8 @@ README_ROUTE = _GUI_PRELUDE + textwrap.dedent(
         "napari-lvunet", "LV-UNet segmentation"
     )
     print("step: widget docked", flush=True)
-    viewer.open_sample("napari-lvunet", "polyp")
-    viewer.open_sample("napari-lvunet", "polyp_stack")
+    for key in ("polyp", "polyp_stack", "polyp_video"):  # File > Open Sample > LV-UNet
+        viewer.open_sample("napari-lvunet", key)
     settle()
     print("step: samples open", flush=True)
     before = set(map(id, viewer.layers))
@@ -222,9 +222,8 @@ def test_readme_route_in_fresh_napari(tmp_path: Path) -> None:
     _needs_display()
     result = result_of(run_fresh(README_ROUTE, cwd=tmp_path))
     assert Path(result["package"]).resolve().is_relative_to(ROOT)
-    assert {"polyp", "polyp ground truth", "polyp stack", "polyp stack ground truth"} <= set(
-        result["layers"]
-    )
+    samples = {"polyp", "polyp ground truth", "polyp stack", "polyp stack ground truth"}
+    assert samples | {"polyp video"} <= set(result["layers"]), result["layers"]
     assert result["model"] == "lvunet-kvasir-seg"
     assert result["status"].startswith("done"), result
     assert len(result["new_labels"]) == 1, result
