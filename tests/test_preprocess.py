@@ -11,7 +11,9 @@ from napari_lvunet.preprocess import (
     IMAGENET_STD,
     TRAIN_SIZE,
     normalize,
+    resize,
     to_unit_rgb,
+    unit_range,
 )
 
 H, W = 12, 17
@@ -178,3 +180,42 @@ def test_training_size_is_the_papers() -> None:
 def test_normalize_rejects_other_shapes(shape):
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
         normalize(torch.zeros(shape))
+
+
+@pytest.mark.parametrize(
+    ("source", "target"),
+    [
+        ((480, 640), (256, 256)),
+        ((1080, 1920), (256, 256)),
+        ((100, 90), (256, 256)),
+        ((256, 256), (1080, 1920)),
+        ((37, 300), (256, 128)),
+        ((256, 256), (100, 90)),
+    ],
+)
+@pytest.mark.parametrize("antialias", [True, False])
+def test_numpy_resize_is_torchs(source, target, antialias: bool) -> None:
+    """CPU inference resizes with numpy, training with torch: the same numbers, so the
+    model sees at inference what it saw in training (float32 rounding apart)."""
+    images = np.random.default_rng(0).random((2, 3, *source), dtype=np.float32)
+    ours = resize(images, target, antialias=antialias, clamp=False)
+    theirs = resize(torch.from_numpy(images), target, antialias=antialias, clamp=False).numpy()
+    assert ours.shape == theirs.shape == (2, 3, *target)
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=5e-5)
+
+
+def test_normalize_numpy_equals_torch() -> None:
+    batch = np.random.default_rng(1).random((2, 3, 8, 8), dtype=np.float32)
+    np.testing.assert_allclose(
+        normalize(batch), normalize(torch.from_numpy(batch)).numpy(), rtol=1e-6, atol=1e-6
+    )
+
+
+def test_pieces_scaled_with_the_whole_images_range_equal_the_whole() -> None:
+    """Large non-uint8 frames are converted in tiles or row blocks with one range."""
+    image = np.random.default_rng(2).integers(100, 4000, (64, 48), dtype=np.uint16)
+    whole = to_unit_rgb(image)
+    value_range = unit_range(image)
+    top = to_unit_rgb(image[:20], value_range)
+    np.testing.assert_array_equal(top, whole[:20])
+    assert unit_range(np.zeros((2, 2), np.uint8)) is None
