@@ -64,8 +64,10 @@ __all__ = [
     "BatchError",
     "BatchOptions",
     "Job",
+    "SummaryFile",
     "check_writable",
     "collect_inputs",
+    "is_complete",
     "plan_jobs",
     "run_batch",
 ]
@@ -123,7 +125,7 @@ class BatchOptions:
     """What to write and how to segment (see ``Segmenter.segment``)."""
 
     threshold: float = 0.5
-    sizing: str = "resize"
+    sizing: str = "auto"
     output: str = "semantic"
     axes: str | None = None
     overlay: bool = True
@@ -310,7 +312,8 @@ def _existing_outputs_error(outputs: Sequence[Path], options: BatchOptions) -> s
     )
 
 
-def _complete(job: Job, options: BatchOptions) -> bool:
+def is_complete(job: Job, options: BatchOptions) -> bool:
+    """Whether ``resume`` skips ``job``: all its outputs exist (and no ``overwrite``)."""
     return options.resume and not options.overwrite and all(p.exists() for p in job.outputs)
 
 
@@ -459,24 +462,51 @@ def _row_from_outputs(job: Job) -> dict[str, Any]:
 # --------------------------------------------------------------------------- running
 
 
-class _Summary:
-    """The summary CSV, rewritten whole (atomically) as rows finish."""
+class SummaryFile:
+    """The summary CSV of an output folder, rewritten whole (atomically) as inputs finish.
 
-    def __init__(self, path: Path, overwrite: bool) -> None:
-        self.path = path
-        self._overwrite = overwrite  # after the first write, the file is this run's own
+    Rows of earlier runs into the same file are kept, except those of inputs this run
+    processes again (they are replaced): the file lists everything segmented into it.
+
+    Args:
+        path: The CSV file.
+        overwrite: Replace ``path`` even if it is not a summary this module wrote.
+
+    Raises:
+        BatchError: If ``path`` exists, is not such a summary and ``overwrite`` is False.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        self._previous: list[list[str]] = []
         self._last = time.monotonic()
+        if not self.path.exists():
+            return
+        try:
+            with open(self.path, newline="") as file:
+                table = list(csv.reader(file))
+        except (OSError, UnicodeDecodeError, csv.Error):
+            table = []
+        if table and table[0] == list(SUMMARY_COLUMNS):
+            self._previous = table[1:]
+        elif not overwrite:
+            raise BatchError(
+                f"{self.path} exists and is not a napari-lvunet summary: pass --overwrite "
+                "to replace it, or --summary FILE to write another"
+            )
 
     def write(self, rows: Sequence[_Row], *, now: bool = True) -> None:
         if not now and time.monotonic() - self._last < _SUMMARY_EVERY_S:
             return
+        current = [row.csv_row() for row in rows]
+        inputs = {str(row[0]) for row in current}
+        kept = [row for row in self._previous if row and row[0] not in inputs]
         text = _stdio.StringIO()
         table = csv.writer(text)
         table.writerow(SUMMARY_COLUMNS)
-        table.writerows(row.csv_row() for row in rows)
+        table.writerows(kept + current)
         data = text.getvalue().encode()
-        atomic_write(self.path, lambda file: file.write(data), overwrite=self._overwrite)
-        self._overwrite = True
+        atomic_write(self.path, lambda file: file.write(data), overwrite=True)
         self._last = time.monotonic()
 
 
@@ -500,7 +530,7 @@ def run_batch(
     segmenter: Any,
     options: BatchOptions,
     *,
-    summary_path: str | os.PathLike[str] | None,
+    summary: SummaryFile | str | os.PathLike[str] | None,
     failures: Sequence[tuple[str, str]] = (),
     progress: Callable[[int], object] | None = None,
     report: Callable[[str, str, str], object] | None = None,
@@ -512,7 +542,7 @@ def run_batch(
         segmenter: An engine ``Segmenter`` (or anything with its ``segment`` and
             ``num_classes``); ``None`` is allowed when no job needs it.
         options: See :class:`BatchOptions`.
-        summary_path: The summary CSV; ``None``: none.
+        summary: The summary CSV (a :class:`SummaryFile`, or its path); ``None``: none.
         failures: ``(argument, message)`` for arguments that matched nothing; listed in
             the summary as failed.
         progress: Called with the number of frames just finished (images count 1).
@@ -527,13 +557,10 @@ def run_batch(
     rows = [_Row({"input": a, "kind": "", "status": "failed", "error": m}) for a, m in failures]
     job_rows = [_Row({"input": str(j.source), "kind": j.kind}) for j in jobs]
     rows.extend(job_rows)
-    summary = (
-        _Summary(Path(summary_path), options.overwrite or options.resume)
-        if summary_path is not None
-        else None
-    )
+    if summary is not None and not isinstance(summary, SummaryFile):
+        summary = SummaryFile(summary, overwrite=options.overwrite)
     lock = threading.Lock()
-    base = Path(summary_path).parent if summary_path is not None else None
+    base = summary.path.parent if summary is not None else None
 
     def finish(index: int, status: str, values: dict[str, Any] | None, detail: str) -> None:
         job = jobs[index]
@@ -603,7 +630,7 @@ def _run_jobs(
                     if index is None:
                         return
                     job = jobs[index]
-                    runs = job.error is None and not _complete(job, options)
+                    runs = job.error is None and not is_complete(job, options)
                     wants_read = runs and job.kind != "video"
                     pending.append((index, pool.submit(load, job) if wants_read else None))
 
@@ -615,7 +642,7 @@ def _run_jobs(
                 if job.error is not None:
                     finish(index, "failed", None, job.error)
                     continue
-                if _complete(job, options):
+                if is_complete(job, options):
                     try:
                         finish(index, "skipped", _row_from_outputs(job), "")
                     except Exception as err:

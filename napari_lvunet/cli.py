@@ -1,24 +1,44 @@
-"""The ``napari-lvunet`` command: segment images headless, or open napari with the widget.
+"""The ``napari-lvunet`` command: segment files, folders and videos headless, or open napari.
 
 Usage::
 
-    napari-lvunet segment IMAGE [--weights NAME_OR_FILE] [--out DIR] [--sizing resize|tiles]
-                                [--device auto|cpu|cuda|mps] [--backend auto|onnxruntime|torch]
-                                [--threshold 0.5] [--output semantic|instances] [--overwrite]
+    napari-lvunet segment INPUT [INPUT ...] [--out DIR] [--recursive] [--no-overlay]
+                          [--resume] [--overwrite] [--summary FILE] [--no-progress]
+                          [--weights NAME_OR_FILE] [--sizing auto|resize|tiles]
+                          [--device auto|cpu|cuda|mps] [--backend auto|onnxruntime|torch]
+                          [--threshold 0.5] [--output semantic|instances] [--axes AXES]
     napari-lvunet view [IMAGE] [--weights NAME_OR_FILE] [--headless] [--out DIR] ...
 
-``segment`` writes ``<stem>_mask.png`` (binary: 0/255; multi-class: class index;
-instances: instance number, 16-bit when there are more than 255) and ``<stem>_overlay.png``
-(the mask's colours and outlines over the image) into ``--out`` (default: the current
-folder) and prints where. Stacks (multi-page TIFF) give ``<stem>_mask.tif`` and no
-overlay. Existing files are never replaced unless ``--overwrite`` is given.
+``segment`` takes image files (PNG, JPEG, BMP, WebP, TIFF), videos (MP4, AVI, MOV, MKV),
+folders (their images and videos; ``--recursive``: and their subfolders') and globs
+(quoted, e.g. ``"scans/**/*.png"``). Per input it writes into ``--out`` (default: the
+current folder; sub-paths below a folder or a glob's fixed part are kept):
+
+* an image: ``<stem>_mask.png`` (binary: 0/255; multi-class: class index; instances:
+  instance number, 16-bit when there are more than 255) and ``<stem>_overlay.png`` (the
+  labels' colours and outlines over the image; at most 4096 px on a side);
+* a stack (multi-page TIFF): ``<stem>_mask.tif``;
+* a video: ``<stem>_mask.mp4`` (lossless, 0/255), ``<stem>_overlay.mp4`` (same frame rate)
+  and ``<stem>_frames.csv`` (frame, time_s, area_px, area_fraction, bbox, n_regions,
+  mean_probability);
+
+``--no-overlay`` leaves out the overlays. One summary, ``summary.csv`` in ``--out``
+(``--summary FILE``), lists every input with its status and foreground statistics; rows
+of earlier runs into the same file are kept. A progress bar runs on a terminal.
+
+The outputs of one input land together (temporary files, moved into place at the end).
+Existing outputs are never replaced unless ``--overwrite`` is given; ``--resume`` skips
+inputs whose outputs all exist. An input that cannot be read or segmented is reported
+(one line on stderr) and skipped; the others are still written.
+
+Exit status: 0 when every input was segmented (or skipped by ``--resume``); 1 when some
+input failed, or the weights could not be loaded; 2 for bad usage, where nothing is
+processed: unknown options, an output folder that cannot be written, two inputs that
+would write the same file, a ``--summary`` file that is not a summary.
 
 ``view`` opens napari with the image (default: the plugin's sample polyp image) and the
 LV-UNet dock widget. With ``--headless``, or on Linux without a display, it runs
 ``segment`` on that image instead.
-
-Errors (missing or unreadable files, bad options, unusable weights) are one line on
-stderr and a non-zero exit status.
 """
 
 from __future__ import annotations
@@ -27,23 +47,19 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
-from .io import atomic_write
 from .io import read_image as read_image_file
 
-__all__ = ["main", "read_image", "sample_image_path", "segment_file"]
+__all__ = ["main", "open_viewer", "read_image", "run_segment", "sample_image_path"]
 
 logger = logging.getLogger(__name__)
 
 _PROG = "napari-lvunet"
-# Overlay colours: outline of every object, over a translucent fill.
-_OUTLINE_RGB = (255, 255, 0)
-_FILL_ALPHA = 0.35
 
 
 class CLIError(Exception):
@@ -96,163 +112,99 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
         raise CLIError(f"cannot read {path} as an image: {err}") from err
 
 
-def _overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """RGB uint8: the image with translucent label colours and yellow outlines."""
-    from skimage.color import label2rgb
-    from skimage.segmentation import find_boundaries
+def _load_segmenter(args: argparse.Namespace) -> Any:
+    """The engine's segmenter for ``--weights``, ``--device`` and ``--backend``."""
+    from . import weights
+    from .inference import default_pool
 
-    from .preprocess import to_unit_rgb
-
-    rgb = to_unit_rgb(image)
-    if labels.max() > 0:
-        rgb = label2rgb(labels, image=rgb, bg_label=0, alpha=_FILL_ALPHA, saturation=1.0)
-    out = (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    out[find_boundaries(labels, mode="inner")] = _OUTLINE_RGB
-    return out
-
-
-def _mask_for_file(labels: np.ndarray, binary: bool, semantic: bool) -> np.ndarray:
-    """What the mask file holds: 0/255 for a binary mask (visible in any viewer)."""
-    if binary and semantic:
-        return (labels > 0).astype(np.uint8) * 255
-    if labels.max() > np.iinfo(np.uint16).max:
-        raise CLIError(f"{int(labels.max())} objects do not fit a 16-bit mask file")
-    return labels.astype(np.uint8 if labels.max() <= 255 else np.uint16)
-
-
-def _write_atomic(path: Path, write: Callable[[BinaryIO], None], overwrite: bool) -> None:
-    """Write via a temporary file in the same folder, then move it into place: never
-    half a file, and (without ``overwrite``) never over a file that exists, even one
-    created meanwhile."""
+    name = args.weights or weights.DEFAULT_MODEL
     try:
-        atomic_write(path, write, overwrite=overwrite)
-    except FileExistsError:
-        raise CLIError(f"{path} exists; pass --overwrite to replace it") from None
-
-
-def _save_png(array: np.ndarray) -> Callable[[BinaryIO], None]:
-    from PIL import Image
-
-    def write(file: BinaryIO) -> None:
-        Image.fromarray(array).save(file, format="PNG")
-
-    return write
-
-
-def _save_tiff(array: np.ndarray) -> Callable[[BinaryIO], None]:
-    import tifffile
-
-    def write(file: BinaryIO) -> None:
-        tifffile.imwrite(file, array, photometric="minisblack", compression="zlib")
-
-    return write
-
-
-# --------------------------------------------------------------------------- commands
-
-
-def _load_weights(name_or_path: str | None) -> Any:
-    """A ``LoadedModel`` for a registry name or file (default: the default model)."""
-    try:
-        from . import weights
-    except ImportError as err:
-        raise CLIError(f"the weights module is not available ({err})") from err
-    name = name_or_path or weights.DEFAULT_MODEL
-    try:
-        return weights.load_model(name)
+        return default_pool().get(name, device=args.device, backend=args.backend)
     except weights.WeightsError as err:
         raise CLIError(str(err)) from err
-    except OSError as err:
+    except (OSError, ValueError, ImportError) as err:
         raise CLIError(f"cannot load weights {name}: {err}") from err
 
 
-def segment_file(
-    image_path: str | os.PathLike[str],
-    *,
-    weights: str | None = None,
-    out_dir: str | os.PathLike[str] = ".",
-    sizing: str = "resize",
-    device: str = "auto",
-    backend: str = "auto",
-    threshold: float = 0.5,
-    output: str = "semantic",
-    axes: str | None = None,
-    overwrite: bool = False,
-) -> list[Path]:
-    """Segment one image file and write its mask (and, for 2D, an overlay).
+class _Progress:
+    """A tqdm bar on stderr (off when stderr is not a terminal, or with --no-progress),
+    and the lines printed about each input, written around the bar."""
 
-    Args:
-        image_path: The image file (see :func:`read_image`).
-        weights: Registry name or ``.safetensors`` file; ``None``: the default model.
-        out_dir: Folder for the outputs; created if missing.
-        sizing: ``"resize"`` or ``"tiles"`` (see ``Segmenter.segment``).
-        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"mps"``.
-        backend: ``"auto"``, ``"onnxruntime"``, ``"torch"``.
-        threshold: Foreground probability threshold (binary models).
-        output: ``"semantic"`` or ``"instances"``.
-        axes: The image's axes (``T Z Y X C``), ``None`` to infer.
-        overwrite: Replace existing output files.
+    def __init__(self, total: int, enabled: bool | None) -> None:
+        from tqdm import tqdm
 
-    Returns:
-        The files written: the mask, then the overlay (2D images only).
+        self._tqdm = tqdm
+        self.bar = tqdm(total=total, unit="frame", disable=None if enabled else True)
 
-    Raises:
-        CLIError: For a missing or unreadable image, unusable weights, a bad option or
-            image (the engine's ``ValueError``), or an output file that exists.
-    """
-    from .inference import Segmenter, infer_axes
+    def update(self, frames: int) -> None:
+        self.bar.update(frames)
 
-    image_path = Path(image_path)
-    image = read_image(image_path)
-    try:
-        axes = axes.upper() if axes is not None else infer_axes(image.shape)
-    except ValueError as err:
-        raise CLIError(f"{image_path}: {err}") from err
-    out = Path(out_dir)
-    stem = image_path.stem
-    is_2d = len(axes.replace("C", "")) == 2
-    targets = (
-        [out / f"{stem}_mask.png", out / f"{stem}_overlay.png"]
-        if is_2d
-        else [out / f"{stem}_mask.tif"]
+    def report(self, source: str, status: str, detail: str) -> None:
+        if status == "ok":
+            for path in detail.split(", "):
+                self._tqdm.write(f"wrote {path}", file=sys.stdout)
+        elif status == "skipped":
+            self._tqdm.write(f"skipped {source}: its outputs exist (--resume)", file=sys.stdout)
+        else:
+            self._tqdm.write(f"{_PROG}: error: {detail}", file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_segment(args: argparse.Namespace, inputs: Sequence[str]) -> int:
+    """``napari-lvunet segment``: see the module docstring. Returns the exit status."""
+    from . import batch
+
+    options = batch.BatchOptions(
+        threshold=args.threshold,
+        sizing=args.sizing,
+        output=args.output,
+        axes=args.axes,
+        overlay=not args.no_overlay,
+        overwrite=args.overwrite,
+        resume=args.resume,
     )
-    # Checked before any work, and again when each file is moved into place.
-    for path in targets:
-        if path.exists() and not overwrite:
-            raise CLIError(f"{path} exists; pass --overwrite to replace it")
+    out = Path(args.out)
+    found, problems = batch.collect_inputs(inputs, recursive=args.recursive)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CLIError(f"cannot create the output folder {out}: {err}") from err
-    loaded = _load_weights(weights)
+        jobs = batch.plan_jobs(found, out, options)
+        summary = None
+        if jobs:
+            batch.check_writable(out)
+            path = Path(args.summary) if args.summary else out / "summary.csv"
+            summary = batch.SummaryFile(path, overwrite=args.overwrite)
+    except batch.BatchError as err:
+        print(f"{_PROG}: error: {err}", file=sys.stderr)
+        return 2
+    needs_model = any(j.error is None and not batch.is_complete(j, options) for j in jobs)
+    segmenter = _load_segmenter(args) if needs_model else None
+    progress = _Progress(sum(j.frames for j in jobs), enabled=not args.no_progress)
     try:
-        segmenter = Segmenter(loaded, device=device, backend=backend)  # type: ignore[arg-type]
-        labels = segmenter.segment(
-            image,
-            axes=axes,
-            sizing=sizing,  # type: ignore[arg-type]
-            threshold=threshold,
-            output=output,  # type: ignore[arg-type]
+        for argument, message in problems:
+            progress.report(argument, "failed", message)
+        rows = batch.run_batch(
+            jobs,
+            segmenter,
+            options,
+            summary=summary,
+            progress=progress.update,
+            report=progress.report,
+            failures=problems,
         )
-    except ValueError as err:
-        raise CLIError(f"{image_path}: {err}") from err
-    mask = _mask_for_file(labels, segmenter.num_classes == 1, output == "semantic")
-    if is_2d:
-        mask_path, overlay_path = targets
-        _write_atomic(mask_path, _save_png(mask), overwrite)
-        # The overlay draws on the image channel-last, whatever its axes.
-        frame = np.moveaxis(image, axes.index("C"), -1) if "C" in axes else image
-        _write_atomic(overlay_path, _save_png(_overlay(frame, labels)), overwrite)
-    else:
-        _write_atomic(targets[0], _save_tiff(mask), overwrite)
-    logger.info(
-        "%s: %s on %s, %d foreground pixels",
-        image_path.name,
-        segmenter.backend,
-        segmenter.device,
-        int((labels > 0).sum()),
-    )
-    return targets
+    finally:
+        progress.close()
+    failed = sum(row["status"] == "failed" for row in rows)
+    if summary is not None:
+        print(f"wrote {summary.path}")
+    if len(rows) > 1:
+        skipped = sum(row["status"] == "skipped" for row in rows)
+        print(
+            f"{_PROG}: {len(rows) - failed - skipped} segmented, {skipped} skipped, "
+            f"{failed} failed",
+            file=sys.stderr,
+        )
+    return 1 if failed else 0
 
 
 def open_viewer(
@@ -264,8 +216,8 @@ def open_viewer(
     """Open napari with an image and the LV-UNet dock widget.
 
     Args:
-        image_path: The image to open; ``None``: the plugin's sample polyp image (with
-            its ground truth as a hidden Labels layer).
+        image_path: The image or video to open; ``None``: the plugin's sample polyp
+            image (with its ground truth as a hidden Labels layer).
         weights: A ``.safetensors`` file to add to the widget's model list and select.
         show: Show the window (``False`` for tests).
 
@@ -275,11 +227,18 @@ def open_viewer(
     Raises:
         CLIError: For a missing or unreadable image.
     """
-    image = read_image(image_path) if image_path is not None else None
+    from .video import is_video
+
+    video = image_path is not None and is_video(image_path)
+    image = read_image(image_path) if image_path is not None and not video else None
+    if video and not Path(image_path).is_file():  # type: ignore[arg-type]
+        raise CLIError(f"no such file: {image_path}")
     import napari
 
     viewer = napari.Viewer(show=show)
-    if image is None:
+    if video:
+        viewer.open(str(image_path), plugin="napari-lvunet")
+    elif image is None:
         viewer.open_sample("napari-lvunet", "polyp")
     else:
         rgb = image.ndim >= 3 and image.shape[-1] in (3, 4)
@@ -313,9 +272,10 @@ def _add_segment_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--sizing",
-        choices=("resize", "tiles"),
-        default="resize",
-        help="resize to the training size (default) or native-resolution tiles",
+        choices=("auto", "resize", "tiles"),
+        default="auto",
+        help="auto (default): resize whole unless the image is far larger than the training "
+        "images, then tiles; resize: to the training size; tiles: at the training scale",
     )
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
     parser.add_argument(
@@ -337,19 +297,48 @@ def _add_segment_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 
+def _add_batch_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-r", "--recursive", action="store_true", help="also segment the subfolders of folders"
+    )
+    parser.add_argument(
+        "--no-overlay", action="store_true", help="write masks only (no overlay PNGs or videos)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="skip inputs whose outputs all exist already"
+    )
+    parser.add_argument(
+        "--summary", metavar="FILE", help="the summary CSV (default: OUT/summary.csv)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=_PROG, description="LV-UNet segmentation: headless, or in napari."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    seg = commands.add_parser("segment", help="segment an image file, write mask + overlay PNGs")
-    seg.add_argument("image", metavar="IMAGE", help="image file (PNG, JPEG, TIFF, ...)")
+    seg = commands.add_parser(
+        "segment",
+        help="segment images, folders, globs and videos; write masks, overlays, a summary CSV",
+        description="Segment images, folders, globs and videos. Exit status: 0 all done, "
+        "1 some input failed (reported, skipped), 2 bad usage (nothing done).",
+    )
+    seg.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="image (PNG, JPEG, TIFF, ...), video (MP4, AVI, MOV, MKV), folder or quoted glob",
+    )
     _add_segment_options(seg)
+    _add_batch_options(seg)
     view = commands.add_parser(
         "view", help="open napari with an image (default: the sample) and the LV-UNet widget"
     )
-    view.add_argument("image", nargs="?", metavar="IMAGE", help="image file (default: sample)")
+    view.add_argument(
+        "image", nargs="?", metavar="IMAGE", help="image or video file (default: the sample)"
+    )
     view.add_argument(
         "--headless",
         action="store_true",
@@ -366,7 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: Arguments without the program name (default: ``sys.argv[1:]``).
 
     Returns:
-        The exit status: 0 on success, 1 on an error (reported on stderr), 2 on bad usage.
+        The exit status: 0 on success, 1 when an input failed or the weights could not be
+        loaded (reported on stderr), 2 on bad usage (nothing done).
     """
     args = _parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
@@ -375,33 +365,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     package_logger.addHandler(handler)
     package_logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
-        if args.command == "view" and not args.headless and _has_display():
+        if args.command == "segment":
+            return run_segment(args, args.inputs)
+        if not args.headless and _has_display():
             viewer = open_viewer(args.image, weights=args.weights)
             import napari
 
             napari.run()
             del viewer
             return 0
-        image = args.image if args.image is not None else sample_image_path()
-        if args.command == "view" and not args.headless:
+        image = args.image if args.image is not None else str(sample_image_path())
+        if not args.headless:
             print(f"{_PROG}: no display found, running `segment` on {image} instead")
-        written = segment_file(
-            image,
-            weights=args.weights,
-            out_dir=args.out,
-            sizing=args.sizing,
-            device=args.device,
-            backend=args.backend,
-            threshold=args.threshold,
-            output=args.output,
-            axes=args.axes,
-            overwrite=args.overwrite,
-        )
+        for name in ("recursive", "no_overlay", "resume", "no_progress"):
+            setattr(args, name, False)
+        args.summary = None
+        return run_segment(args, [image])
     except CLIError as err:
         print(f"{_PROG}: error: {err}", file=sys.stderr)
         return 1
     finally:
         package_logger.removeHandler(handler)
-    for path in written:
-        print(f"wrote {path}")
-    return 0

@@ -61,7 +61,7 @@ def run(
     jobs = batch.plan_jobs(inputs, out, opts)
     batch.check_writable(out)
     return batch.run_batch(
-        jobs, segmenter, opts, summary_path=out / "summary.csv", failures=problems
+        jobs, segmenter, opts, summary=out / "summary.csv", failures=problems
     )
 
 

@@ -1,15 +1,21 @@
-"""The ``napari-lvunet`` command: real files in, real PNG/TIFF files out, one-line errors.
+"""The ``napari-lvunet`` command: real files in, real PNG/TIFF/MP4/CSV files out, one-line
+errors, documented exit statuses (0 all done, 1 some input failed, 2 bad usage).
 
-Weights are a real fused LV-UNet written with ``weights.save_weights``; the commands run
-on the PyTorch backend (``--backend torch``) so that no test pays for an ONNX export (the
-ONNX Runtime path is tested in test_inference.py). The GUI test runs under Xvfb.
+Single-image tests use a real fused LV-UNet written with ``weights.save_weights`` on the
+PyTorch backend (``--backend torch``), so that no test pays for an ONNX export (the ONNX
+Runtime path is tested in test_inference.py); batch tests use the bundled model, which
+ships its ONNX graph. The interrupted run is a real child process, killed. The GUI test
+runs under Xvfb.
 """
 
 from __future__ import annotations
 
+import csv
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +25,14 @@ import torch
 from PIL import Image
 
 from napari_lvunet import cli
-from napari_lvunet.inference import Segmenter
+from napari_lvunet.inference import Segmenter, default_pool
 from napari_lvunet.model import LVUNet
 from napari_lvunet.preprocess import normalize
+from napari_lvunet.video import open_video
 from napari_lvunet.weights import load_model, save_weights
 
 ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_VIDEO = ROOT / "sample_data" / "kvasir_video.mp4"
 
 
 def disk_image(height: int, width: int, seed: int) -> np.ndarray:
@@ -97,7 +105,8 @@ def test_existing_outputs_are_kept_unless_overwrite(
     args = ["segment", image_file, "--weights", weights_file, "--out", tmp_path]
     assert run(*args, "--backend", "torch") == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "exists; pass --overwrite" in err  # before any work
+    # Found before any work: one line, and the mask is not written without its overlay.
+    assert err.count("\n") == 1 and "exists; pass --resume" in err and "--overwrite" in err
     assert overlay.read_bytes() == b"hand-made overlay"
     assert not (tmp_path / "scan 1_mask.png").exists(), "nothing written when one output exists"
     assert run(*args, "--backend", "torch", "--overwrite") == 0
@@ -144,7 +153,7 @@ def test_grey_alpha_and_one_bit_pngs_read_as_grey(mode: str, tmp_path: Path) -> 
     ("make", "message"),
     [
         (lambda d: d / "missing.png", "no such file"),
-        (lambda d: d, "not a file"),
+        (lambda d: d, "no images or videos in the folder"),
         (lambda d: _write(d / "notes.png", b"plain text"), "cannot read"),
         (lambda d: _tiff(d / "nan.tif", np.full((64, 64), np.nan, np.float32)), "NaN or infinite"),
         (
@@ -232,6 +241,159 @@ def test_view_opens_napari_with_sample_and_widget(weights_file: Path, qtbot) -> 
         assert widget.model.value == str(weights_file.resolve())  # --weights is selected
     finally:
         viewer.close()
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def polyp_folder(folder: Path, n: int, *, bad: bool = False) -> Path:
+    """``n`` different crops of the sample polyp image as JPEG/PNG files (+ a corrupt one)."""
+    image = cli.read_image(cli.sample_image_path())
+    rng = np.random.default_rng(n)
+    folder.mkdir(parents=True)
+    for i in range(n):
+        y, x = rng.integers(0, 200), rng.integers(0, 250)
+        crop = image[y : y + 300, x : x + 340]
+        Image.fromarray(crop).save(folder / f"frame{i:03d}.{'png' if i % 3 else 'jpg'}")
+    if bad:
+        (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated JPEG")
+    return folder
+
+
+def summary_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_folder_with_a_corrupt_file_exits_1_and_writes_the_rest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = polyp_folder(tmp_path / "data", 3, bad=True)
+    out = tmp_path / "out"
+    assert run("segment", data, "--out", out, "--device", "cpu") == 1
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if "error" in line]
+    assert errors == [
+        f"napari-lvunet: error: cannot read {data / 'corrupt.jpg'} as an image: "
+        + errors[0].split(" as an image: ", 1)[1]
+    ]
+    assert captured.err.splitlines()[-1] == "napari-lvunet: 3 segmented, 0 skipped, 1 failed"
+    segmenter = default_pool().get("lvunet-kvasir-seg", device="cpu")
+    for i in range(3):
+        source = next(data.glob(f"frame{i:03d}.*"))
+        mask = np.asarray(Image.open(out / f"frame{i:03d}_mask.png"))
+        np.testing.assert_array_equal(mask, segmenter.segment(cli.read_image(source)) * 255)
+        assert (out / f"frame{i:03d}_overlay.png").is_file()
+        assert f"wrote {out / f'frame{i:03d}_mask.png'}" in captured.out
+    rows = summary_rows(out / "summary.csv")
+    assert sorted(r["status"] for r in rows) == ["failed", "ok", "ok", "ok"]
+    assert not list(out.glob("corrupt*"))
+
+
+def test_video_gives_mask_video_and_frame_table(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert run("segment", SAMPLE_VIDEO, "--out", out, "--no-overlay", "--no-progress") == 0
+    masks = open_video(out / "kvasir_video_mask.mp4")
+    source = open_video(SAMPLE_VIDEO)
+    assert masks.shape == source.shape and masks.rate == source.rate
+    assert not (out / "kvasir_video_overlay.mp4").exists()
+    frames = summary_rows(out / "kvasir_video_frames.csv")
+    assert len(frames) == 100 and frames[99]["time_s"] == "3.960000"
+    (row,) = summary_rows(out / "summary.csv")
+    assert row["kind"] == "video" and row["frames"] == "100"
+    assert int(row["area_px"]) == sum(int(f["area_px"]) for f in frames)
+
+
+def test_resume_after_a_killed_run_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    data = polyp_folder(tmp_path / "data", 40)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert run("segment", data, "--out", whole, "--device", "cpu", "--no-progress") == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "napari_lvunet", "segment", str(data), "--out"]
+    child = subprocess.Popen(
+        [*command, str(resumed), "--device", "cpu"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:  # killed (no clean-up at all) as soon as its first image has landed
+        deadline = time.monotonic() + 120
+        while not list(resumed.glob("*_overlay.png")) and child.poll() is None:
+            assert time.monotonic() < deadline, "the child wrote nothing in 2 minutes"
+            time.sleep(0.005)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait(timeout=60)
+    landed = len(list(resumed.glob("*_mask.png")))
+    assert 1 <= landed < 40, "killed part-way"
+    # Whatever landed is whole: every mask has its overlay (they land together).
+    assert len(list(resumed.glob("*_overlay.png"))) == landed
+    assert run("segment", data, "--out", resumed, "--device", "cpu", "--resume") == 0
+    names = sorted(p.name for p in whole.iterdir())
+    assert names == sorted(p.name for p in resumed.iterdir() if not p.name.startswith("."))
+    for name in names:
+        if name != "summary.csv":
+            assert (whole / name).read_bytes() == (resumed / name).read_bytes(), name
+    assert [r["status"] for r in summary_rows(resumed / "summary.csv")].count("skipped") == landed
+
+    def without_status(folder: Path) -> list[dict[str, str]]:
+        rows = summary_rows(folder / "summary.csv")
+        return [{k: v for k, v in r.items() if k != "status"} for r in rows]
+
+    assert without_status(whole) == without_status(resumed)
+
+
+def test_overwrite_replaces_and_summary_keeps_other_inputs(
+    image_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    other = polyp_folder(tmp_path / "other", 1)
+    assert run("segment", image_file, "--out", out, "--device", "cpu") == 0
+    first = (out / "scan 1_mask.png").stat().st_mtime_ns
+    assert run("segment", other, "--out", out, "--device", "cpu") == 0
+    assert [Path(r["input"]).name for r in summary_rows(out / "summary.csv")] == [
+        "scan 1.png",
+        "frame000.jpg",
+    ]
+    assert run("segment", image_file, "--out", out, "--device", "cpu", "--overwrite") == 0
+    assert (out / "scan 1_mask.png").stat().st_mtime_ns != first
+    assert len(summary_rows(out / "summary.csv")) == 2
+
+
+@pytest.mark.parametrize("problem", ["collision", "unwritable", "foreign summary", "option"])
+def test_usage_errors_exit_2_before_any_work(
+    problem: str, image_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    args: list = ["segment", image_file, "--out", out]
+    if problem == "collision":
+        twin = tmp_path / "twin"
+        twin.mkdir()
+        (twin / "scan 1.png").write_bytes(image_file.read_bytes())
+        args[1:2] = [image_file, twin / "scan 1.png"]
+        message = "would both write"
+    elif problem == "unwritable":
+        blocker = tmp_path / "blocker"
+        blocker.write_text("a file, not a folder")
+        args[-1] = blocker / "out"
+        message = "cannot write to the output folder"
+    elif problem == "foreign summary":
+        out.mkdir()
+        (out / "summary.csv").write_text("my own notes\n")
+        message = "is not a napari-lvunet summary"
+    else:
+        args.append("--sizing=crop")
+        message = "invalid choice"
+    if problem == "option":
+        with pytest.raises(SystemExit) as exc:
+            run(*args)
+        assert exc.value.code == 2
+    else:
+        assert run(*args) == 2
+    assert message in capsys.readouterr().err
+    assert not list(out.glob("*_mask.png")) if out.is_dir() else True
+    if problem == "foreign summary":
+        assert (out / "summary.csv").read_text() == "my own notes\n"
 
 
 def _write(path: Path, data: bytes) -> Path:
