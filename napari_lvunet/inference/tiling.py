@@ -96,22 +96,26 @@ def _rows_per_block(width: int) -> int:
 
 
 def resize_frame(frame: Frame, size: tuple[int, int]) -> np.ndarray:
-    """The frame as ``(3, h, w)`` RGB in [0, 1] at ``size``, converted in row blocks."""
+    """The frame as ``(h, w, 3)`` RGB in [0, 1] at ``size``, read in row blocks.
+
+    Each block is converted and resized along its rows first, then added into the output:
+    memory is the output plus one block, whatever the frame's size.
+    """
     height, width = frame.height, frame.width
     if (height, width) == tuple(size):
-        return np.ascontiguousarray(frame.unit().transpose(2, 0, 1))
+        return frame.unit()
     my = resize_matrix(height, size[0]).tocsc()
     mx = resize_matrix(width, size[1])
-    rows = np.zeros((size[0], width * 3), np.float32)
+    out = np.zeros((size[0], size[1] * 3), np.float32)
     step = _rows_per_block(width)
     for r0 in range(0, height, step):
         r1 = min(height, r0 + step)
-        block = frame.unit((slice(r0, r1), slice(None))).reshape(r1 - r0, width * 3)
-        rows += my[:, r0:r1] @ block
-    rows3 = rows.reshape(size[0], width, 3)
-    out = np.empty((3, size[0], size[1]), np.float32)
-    for c in range(3):
-        out[c] = (mx @ rows3[:, :, c].T).T
+        block = frame.unit((slice(r0, r1), slice(None)))  # (b, W, 3)
+        narrow = np.empty((r1 - r0, size[1], 3), np.float32)
+        for c in range(3):
+            narrow[:, :, c] = (mx @ block[:, :, c].T).T
+        out += my[:, r0:r1] @ narrow.reshape(r1 - r0, size[1] * 3)
+    out = out.reshape(size[0], size[1], 3)
     return np.clip(out, 0.0, 1.0, out=out)
 
 
@@ -127,7 +131,7 @@ class ResizeGeometry:
     def items(self, frames: Iterator[Frame]) -> Iterator[Item]:
         for frame in frames:
             frame.prepare()
-            pixels = resize_frame(frame, self.size)
+            pixels = np.ascontiguousarray(resize_frame(frame, self.size).transpose(2, 0, 1))
             frame.raw = None
             frame.pending = 1
             yield Item(frame, pixels)
@@ -224,10 +228,7 @@ class TileGeometry:
             for y in self.ys:
                 for x in self.xs:
                     region = (slice(y, y + th), slice(x, x + tw))
-                    if work is None:
-                        unit = frame.unit(region)
-                    else:
-                        unit = work[(slice(None), *region)].transpose(1, 2, 0)
+                    unit = frame.unit(region) if work is None else work[region]
                     tile = _pad_to(unit, th, tw)
                     yield Item(frame, np.ascontiguousarray(tile.transpose(2, 0, 1)), y, x)
             frame.raw = None
@@ -308,11 +309,12 @@ def finish(
         return
     my = resize_matrix(values.shape[1], height, False)
     mx = resize_matrix(values.shape[2], width, False)
-    cols = np.stack([(mx @ plane.T).T for plane in values])  # (C, h, W)
     step = max(1, _rows_per_block(width) * 3 // max(1, num_classes))
     for r0 in range(0, height, step):
         r1 = min(height, r0 + step)
-        block = np.stack([my[r0:r1] @ plane for plane in cols]).astype(np.float32, copy=False)
+        # Rows first (a few source rows per output row), then columns: one block at a time.
+        block = np.stack([(mx @ (my[r0:r1] @ plane).T).T for plane in values])
+        block = block.astype(np.float32, copy=False)
         p = activate(block, num_classes) if are_logits else block
         labels[r0:r1] = to_labels(p, threshold)
         if probs is not None:
