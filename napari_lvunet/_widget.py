@@ -1,6 +1,7 @@
 """The LV-UNet dock widget: gathers the user's choices, runs work in thread workers.
 
-Data flows one way: image layer -> ``inference.Segmenter`` -> labels -> Labels layer, and
+Data flows one way: image layer -> ``inference.default_pool().get(...)`` (a ``Segmenter``,
+shared with the CLI and ``inference.segment``) -> labels -> Labels layer, and
 Labels layer -> ``_annotations.save_for_training`` -> folder -> ``training.finetune`` ->
 weights -> model picker. Everything slow (loading or downloading weights, building the
 ONNX session, segmenting) runs in a napari thread worker, so the window never freezes;
@@ -53,7 +54,8 @@ from ._annotations import (
 )
 from ._finetune_job import FinetuneJob, FinetuneResult, FinetuneStep, finetune_argv
 from ._torch import TRAIN_INSTALL, torch_installed
-from .inference import SegmentationCancelled, Segmenter, resolve_device
+from .cancel import Cancelled
+from .inference import Segmenter, default_pool, resolve_device
 
 if TYPE_CHECKING:
     import napari
@@ -63,10 +65,6 @@ __all__ = ["LVUNetWidget"]
 logger = logging.getLogger(__name__)
 
 _DEVICES = ("auto", "cpu", "cuda", "mps")
-
-_MAX_SEGMENTERS = 4
-_SEGMENTERS: dict[tuple[str, str], Segmenter] = {}
-_SEGMENTERS_LOCK = threading.Lock()
 
 
 class _Progress(QObject):
@@ -199,8 +197,6 @@ class LVUNetWidget(Container):
         super().__init__(labels=True)
         self.viewer = napari_viewer
         self._files: dict[str, str] = {}  # model-picker key (a path) -> display name
-        self._loaded: dict[str, Any] = {}  # model key -> weights.LoadedModel
-        self._cache_lock = threading.Lock()  # the preview and Segment workers share it
         self._tracks: weakref.WeakKeyDictionary[Labels, _Track] = weakref.WeakKeyDictionary()
         # Probability layers this widget made -> their source image: "overwrite" replaces
         # only these, never a user's layer that happens to carry the same name.
@@ -354,6 +350,17 @@ class LVUNetWidget(Container):
         choices.extend((f"{label} (file)", key) for key, label in self._files.items())
         return choices
 
+    def _refresh_models(self) -> None:
+        """Rebuild the model picker, keeping the chosen model.
+
+        A choice's label changes when its weights get cached ("will download" ->
+        "cached"), and magicgui would then fall back to the first model.
+        """
+        current = self.model.value
+        self.model.reset_choices()
+        if current is not None and current in self.model.choices:
+            self.model.value = current
+
     @_if_alive
     def _on_layers_changed(self, _event: Any = None) -> None:
         self.image.reset_choices()
@@ -385,7 +392,7 @@ class LVUNetWidget(Container):
         """
         key = str(Path(path).expanduser().resolve())
         self._files[key] = Path(key).name
-        self.model.reset_choices()
+        self._refresh_models()
         if select:
             self.model.value = key
         self._update_command()
@@ -398,32 +405,17 @@ class LVUNetWidget(Container):
         if path:
             self.add_weights_file(path)
 
-    # ------------------------------------------------------------ model cache
-    def _loaded_model(self, key: str) -> Any:
-        """The ``LoadedModel`` for a picker key; runs in a worker (may download)."""
-        with self._cache_lock:
-            if key not in self._loaded:
-                if key in weights_mod.registry() and not weights_mod.is_available_offline(key):
-                    progressbar: Any = _DownloadProgress(self._progress, key)
-                else:
-                    progressbar = False
-                self._loaded[key] = weights_mod.load_model(key, progressbar=progressbar)
-            return self._loaded[key]
-
+    # ---------------------------------------------------------------- models
     def _segmenter(self, key: str, device: str) -> Segmenter:
-        loaded = self._loaded_model(key)
-        # Shared by every widget: keyed by the weights' hash, so a changed file never
-        # reuses a stale session, and a second viewer does not export the model again.
-        cache_key = (loaded.sha256, device)
-        with _SEGMENTERS_LOCK:
-            if cache_key not in _SEGMENTERS:
-                self._progress.message.emit(
-                    f"preparing {loaded.name} for {device} (the first time takes a while)..."
-                )
-                while len(_SEGMENTERS) >= _MAX_SEGMENTERS:  # each holds a model and a session
-                    del _SEGMENTERS[next(iter(_SEGMENTERS))]
-                _SEGMENTERS[cache_key] = Segmenter(loaded, device=device)
-            return _SEGMENTERS[cache_key]
+        """The segmenter for a picker key; runs in a worker (may download the weights).
+
+        From the engine's process-wide pool, keyed by the weights (a changed file is a new
+        key), device and backend: a second viewer, the live preview and Segment share it.
+        """
+        progressbar: Any = False
+        if key in weights_mod.registry() and not weights_mod.is_available_offline(key):
+            progressbar = _DownloadProgress(self._progress, key)
+        return default_pool().get(key, device=device, progressbar=progressbar)
 
     # ------------------------------------------------------------ segmenting
     def _gather(self, *, preview_index: SliceIndex | None = None) -> _Request:
@@ -549,14 +541,13 @@ class LVUNetWidget(Container):
     @_if_alive
     def _on_finished(self) -> None:
         self._worker = None
-        self.model.reset_choices()  # a model downloaded by the job now shows as cached
+        self._refresh_models()  # a model downloaded by the job now shows as cached
         self.segment_button.enabled = self.finetune_button.enabled = True
         self.cancel_button.enabled = False
 
     @_if_alive
     def _on_error(self, err: BaseException) -> None:
-        # By name for training's FinetuneCancelled: training is imported only on demand.
-        if isinstance(err, SegmentationCancelled) or type(err).__name__.endswith("Cancelled"):
+        if isinstance(err, Cancelled):
             self.status.value = "cancelled"
             show_info("LV-UNet: cancelled.")
             return
@@ -793,9 +784,7 @@ class LVUNetWidget(Container):
     # --------------------------------------------------- correction -> training
     def _weights_reference(self) -> str:
         """What the fine-tune command names as weights: a file path or a registry name."""
-        key = self.model.value or ""
-        loaded = self._loaded.get(key)
-        return str(loaded.path) if loaded is not None else key
+        return self.model.value or ""
 
     def _update_command(self, _value: Any = None) -> None:
         folder = self.data_dir.value

@@ -197,10 +197,9 @@ def _labels_layers(viewer) -> list:
 
 def _reference(weights_file: Path, data: np.ndarray, axes: str, **kw) -> np.ndarray:
     from napari_lvunet.inference import Segmenter
-    from napari_lvunet.weights import load_model
 
-    # The loaded file, not the bare network: its ONNX export beside the file is reused.
-    return Segmenter(load_model(weights_file), device="cpu").segment(data, axes=axes, **kw)
+    # A segmenter of its own (not the widget's pool), on the same file, torch-free.
+    return Segmenter(weights_file, device="cpu").segment(data, axes=axes, **kw)
 
 
 @pytest.mark.gui
@@ -615,10 +614,11 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture
 def served(tmp_path: Path, weights_file: Path, monkeypatch: pytest.MonkeyPatch):
-    """A registry whose only model is served by a real HTTP server on 127.0.0.1."""
+    """A registry with one more model, served by a real HTTP server on 127.0.0.1."""
     import shutil
 
     from napari_lvunet import weights
+    from napari_lvunet.inference import default_pool
 
     root = tmp_path / "www"
     root.mkdir()
@@ -633,10 +633,14 @@ def served(tmp_path: Path, weights_file: Path, monkeypatch: pytest.MonkeyPatch):
         sha256=weights.file_sha256(root / "served.safetensors"),
         description="random weights served locally",
     )
-    monkeypatch.setattr(weights, "registry", lambda: {"served": entry})
+    models = {**weights.registry(), "served": entry}  # the bundled model stays listed
+    monkeypatch.setattr(weights, "registry", lambda: models)
     monkeypatch.setenv(weights.BASE_URL_ENV, f"http://127.0.0.1:{httpd.server_port}/")
     monkeypatch.setenv(weights.CACHE_ENV, str(tmp_path / "cache"))
+    # The pool keys registry models by name: this test's "served" is not another test's.
+    default_pool().clear()
     yield httpd
+    default_pool().clear()
     httpd.shutdown()
     httpd.server_close()
 
@@ -667,6 +671,7 @@ def test_download_failure_is_a_notification(served, make_napari_viewer, qtbot, n
     served.server_close()  # the server is down: the machine looks offline
     viewer = make_napari_viewer()
     widget = LVUNetWidget(viewer)
+    widget.model.value = "served"
     viewer.add_image(np.zeros((128, 128), np.uint8), name="img")
     widget.segment()
     _wait_idle(qtbot, widget)
@@ -714,9 +719,9 @@ def test_error_paths_are_notifications(viewer_widget, qtbot, notes, tmp_path, mo
     _wait_idle(qtbot, widget)
     assert "ran out of memory" in notes.messages("error")[-1]
 
-    import torch
+    from napari_lvunet.inference.device import gpu_may_exist
 
-    if not torch.cuda.is_available():  # a GPU asked for but missing: said at once
+    if not gpu_may_exist():  # a GPU asked for but missing: said at once
         widget.device.value = "cuda"
         assert "no CUDA GPU" in notes.messages("warning")[-1]
         assert widget.device_in_use.value == "cpu (from the next run)"
