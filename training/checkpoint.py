@@ -9,6 +9,7 @@ metrics; ``training.export`` turns it into fused safetensors for the plugin.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -56,8 +57,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt, truncated, or holding pickled objects
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+    except pickle.UnpicklingError:
+        # torch's own message advises weights_only=False, which would run whatever code
+        # the file carries: never repeat that advice for a file of unknown origin.
+        raise CheckpointError(
+            f"refusing {path}: it holds pickled Python objects besides tensors, which are "
+            "never loaded (a file from another program, or a malicious one)"
+        ) from None
+    except Exception as err:  # corrupt or truncated
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"cannot read checkpoint {path}: {first}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a napari-lvunet training checkpoint")
     missing = [k for k in _REQUIRED if k not in ckpt]

@@ -47,6 +47,7 @@ from napari_lvunet.preprocess import normalize, resize
 from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from .data import DatasetError, Pair, find_pairs, load_pair, resolve_splits, split_digest
 from .metrics import METRIC_NAMES, segmentation_metrics
+from .options import integer
 
 __all__ = [
     "EvaluationError",
@@ -186,6 +187,7 @@ def select_pairs(
     seed: int = 0,
     val_fraction: float = 0.2,
     splits: Mapping[str, Sequence[str]] | None = None,
+    option: str | None = "--split",
 ) -> list[Pair]:
     """The pairs of one split of a dataset folder.
 
@@ -197,6 +199,9 @@ def select_pairs(
         val_fraction: Validation share of that split.
         splits: Stem lists by split (a training run's, from its checkpoint): used
             instead of ``splits.json`` or the seeded split.
+        option: The caller's command-line option for the split, suggested (with
+            ``all``) in error messages: ``--split`` of evaluate, ``--test-split`` of
+            export; ``None`` where the caller has none.
 
     Raises:
         DatasetError: If the folder is unusable, the split is empty, or ``splits``
@@ -210,6 +215,7 @@ def select_pairs(
     if split == "all":
         return pairs
     by_stem = {p.stem: p for p in pairs}
+    use_all = f"use {option} all" if option else "use a folder with more images"
     if splits is not None:
         stems = list(splits.get(split, []))
         missing = [s for s in stems if s not in by_stem]
@@ -217,10 +223,11 @@ def select_pairs(
             raise DatasetError(
                 f"the run's {split} split names {len(missing)} image(s) that {data} lacks "
                 f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}): evaluate "
-                "on the folder the run was trained on, or use --split all"
+                "on the folder the run was trained on"
+                + (f", or use {option} all" if option else "")
             )
     elif len(pairs) < 2 and not has_splits:
-        raise DatasetError(f"{data} has one image and no splits.json: use --split all")
+        raise DatasetError(f"{data} has one image and no splits.json: {use_all}")
     else:
         stems = resolve_splits(data, [p.stem for p in pairs], seed=seed, val_fraction=val_fraction)[
             split
@@ -228,7 +235,7 @@ def select_pairs(
     if not stems:
         raise DatasetError(
             f"the {split} split of {data} is empty"
-            + ("" if has_splits else " (no splits.json: only train/val exist; try --split all)")
+            + ("" if has_splits else f" (no splits.json: only train/val exist; {use_all})")
         )
     return [by_stem[s] for s in stems]
 
@@ -398,7 +405,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--csv", metavar="FILE", help="write per-image metrics here (must not exist)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    p.add_argument(
+        "--batch-size", type=integer(1), default=8, help="images per forward pass (default 8)"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:

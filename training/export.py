@@ -8,7 +8,8 @@ Launch::
 
 The checkpoint (read with ``torch.load(weights_only=True)``) must be from the fusible
 phase of deep training (``act_learn == 1``; ``best.pt`` always is). The model is fused,
-checked against the unfused one (atol 1e-4), and written with
+checked against the unfused one (1e-4 of the logits' scale; logits that are NaN or
+infinite are refused), and written with
 :func:`napari_lvunet.weights.save_weights`; the metadata holds the architecture, the
 training resolution and normalisation, the dataset and its split (the run's seed and
 validation fraction, and the count and SHA-256 of each split's stems), the validation
@@ -42,6 +43,7 @@ from napari_lvunet.model import LVUNet, reparameterize_model
 from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from .data import CachedSegmentationDataset, DatasetError, split_digest
 from .evaluate import evaluate_pairs, select_pairs, split_options, summarize
+from .options import integer
 
 __all__ = ["ExportError", "check_fusion", "export_checkpoint", "main", "weights_metadata"]
 
@@ -65,14 +67,23 @@ def check_fusion(
     """Compare two models' logits on a random batch; return the largest difference.
 
     Raises:
-        ExportError: If they differ by more than :data:`FUSION_TOL` times the logits'
-            scale (at least 1).
+        ExportError: If either model's logits are not finite, or they differ by more
+            than :data:`FUSION_TOL` times the logits' scale (at least 1).
     """
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn((2, 3, *size), generator=gen)
     with torch.no_grad():
         expected = unfused.eval()(x)
-        diff = float((expected - fused.eval()(x)).abs().max())
+        got = fused.eval()(x)
+    # A diverged model (NaN or infinite weights or statistics) would pass a NaN
+    # comparison below and segment nothing: refuse it by name.
+    for name, logits in (("unfused", expected), (what, got)):
+        if not bool(torch.isfinite(logits).all()):
+            raise ExportError(
+                f"the {name} model's logits are not finite (NaN or infinite): the checkpoint "
+                "is from a diverged run and cannot be exported"
+            )
+    diff = float((expected - got).abs().max())
     scale = max(1.0, float(expected.abs().max()))
     if diff > FUSION_TOL * scale:
         raise ExportError(
@@ -192,12 +203,14 @@ def export_checkpoint(
     if recalibrate_bn > 0:
         from .train import recalibrate_batchnorm
 
-        train_pairs = select_pairs(data_dir, "train", **split)[:recalibrate_bn]
+        train_pairs = select_pairs(data_dir, "train", **split, option=None)[:recalibrate_bn]
         images = CachedSegmentationDataset(train_pairs, size).images
         recalibrate_batchnorm(
             model, images, size, batch_size=int(ckpt["config"].get("batch_size", 8))
         )
-        rows = evaluate_pairs({"m": model}, select_pairs(data_dir, "val", **split), size)["m"]
+        rows = evaluate_pairs(
+            {"m": model}, select_pairs(data_dir, "val", **split, option=None), size
+        )["m"]
         s = summarize(rows)
         meta["metrics"]["val"] = {
             "dice": s["dice"],
@@ -210,7 +223,7 @@ def export_checkpoint(
     fused = reparameterize_model(model)
     diff = check_fusion(model, fused, size)
     if test_split is not None:
-        pairs = select_pairs(data_dir, test_split, **split)
+        pairs = select_pairs(data_dir, test_split, **split, option="--test-split")
         rows = evaluate_pairs({"fused": fused}, pairs, size)["fused"]
         s = summarize(rows)
         meta["metrics"][test_split] = {
@@ -299,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument(
         "--recalibrate-bn",
-        type=int,
+        type=integer(0),
         default=0,
         metavar="N",
         help="re-estimate BatchNorm statistics on N train images before fusing (for runs "

@@ -76,6 +76,7 @@ from .data import Augment, CachedSegmentationDataset, DatasetError, Pair, find_p
 from .evaluate import evaluate_pairs, summarize
 from .events import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, EventWriter
 from .losses import BCEDiceLoss
+from .options import integer, number
 from .outputs import OutputError, check_writable_folder
 from .train import TrainingDiverged, autocast_dtype, optimisation_step, select_device
 
@@ -628,17 +629,17 @@ def _parser() -> argparse.ArgumentParser:
         help="registry name, fused .safetensors, or training checkpoint .pt (preferred)",
     )
     p.add_argument("--out", metavar="DIR", help="output folder (default DATA/finetuned)")
-    p.add_argument("--epochs", type=_at_least(1), default=30, help="epochs (default 30)")
+    p.add_argument("--epochs", type=integer(1), default=30, help="epochs (default 30)")
     p.add_argument(
-        "--lr", type=_positive_float, default=1e-4, help="Adam learning rate (default 1e-4)"
+        "--lr", type=number(positive=True), default=1e-4, help="Adam learning rate (default 1e-4)"
     )
-    p.add_argument("--batch-size", type=_at_least(1), default=8, help="images per step (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--batch-size", type=integer(1), default=8, help="images per step (default 8)")
+    p.add_argument("--seed", type=integer(0), default=0, help="random seed (default 0)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, mps")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument(
         "--max-minutes",
-        type=_positive_float,
+        type=number(positive=True),
         metavar="M",
         help="stop training after M minutes (at a step boundary) and write the result",
     )
@@ -649,30 +650,6 @@ def _parser() -> argparse.ArgumentParser:
         "per line on stdout, everything else on stderr; none: one line per epoch",
     )
     return p
-
-
-def _at_least(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {minimum}"
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
-    return value
 
 
 def _json_stdout() -> TextIO:

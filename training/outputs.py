@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import secrets
@@ -110,14 +109,15 @@ class RunClaim:
     The claim is an OS lock (``flock`` / ``LockFileEx``) on ``LOCK_NAME`` inside the
     folder: the kernel releases it when the process ends in any way, so a crash or
     ``kill -9`` never leaves a folder claimed. :meth:`acquire` creates the folder if
-    needed; :meth:`release` removes the lock file, and the folder too when this claim
-    created it and nothing else was written (a failed run leaves no empty folder).
+    needed; :meth:`release` removes the lock file, and the folder (with the parents it
+    had to create) when this claim created it and nothing else was written: a failed
+    run leaves no empty folder.
     """
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         self.lock_path = self.folder / LOCK_NAME
-        self.created = False
+        self._created: list[Path] = []
         self._fd: int | None = None
 
     def acquire(self) -> RunClaim:
@@ -127,9 +127,10 @@ class RunClaim:
             RunFolderBusy: If another process holds the folder.
             OutputError: If the folder cannot be created or written.
         """
+        missing = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
         try:
             self.folder.mkdir(parents=True)
-            self.created = True
+            self._created = missing  # deepest first
         except FileExistsError:
             if not self.folder.is_dir():
                 raise OutputError(f"the run folder {self.folder} is a file") from None
@@ -171,10 +172,18 @@ class RunClaim:
         self._fd = None
         self._drop_created()
 
+    @property
+    def created(self) -> bool:
+        """Whether this claim created the folder."""
+        return bool(self._created)
+
     def _drop_created(self) -> None:
-        if self.created:
-            with contextlib.suppress(OSError):  # only if empty: keeps what a run wrote
-                self.folder.rmdir()
+        for folder in self._created:
+            try:
+                folder.rmdir()  # only if empty: never deletes what a run wrote
+            except OSError:
+                break
+        self._created = []
 
     def __enter__(self) -> RunClaim:
         return self.acquire()

@@ -26,6 +26,14 @@ fusible epochs, act_learn == 1, since only those can be exported unchanged), ``l
 and ``curves.png``. Checkpoints are written atomically and hold config, metrics, epoch,
 the stems of each split (with the seed and validation fraction that drew them) and
 every state needed to resume exactly.
+
+A process claims its run folder before it reads the data (an OS lock on
+``.lvunet-train.lock``, held for the whole run), so a second run or resume of the same
+folder is refused; temporary files of a process that was killed while writing are
+removed when the folder is claimed. Every numeric option is checked by the parser
+before anything is written. A NaN or infinite loss or validation metric ends the run
+with an error before that epoch is saved, so it is never "best". Exit codes: 0 done,
+2 error (one line on stderr) or bad command line, 1 when PyTorch is not installed.
 """
 
 from __future__ import annotations
@@ -74,6 +82,8 @@ from .data import (
 )
 from .losses import BCEDiceLoss
 from .metrics import segmentation_metrics
+from .options import fraction, integer, multiple_of, number
+from .outputs import LOCK_NAME, OutputError, RunClaim, remove_stale_temporaries
 
 __all__ = [
     "ConfigError",
@@ -96,6 +106,8 @@ logger = logging.getLogger(__name__)
 #: Options that change how a run executes but not what it computes; a resumed run may
 #: change these, every other option is fixed by the run's config.json.
 RUNTIME_FIELDS = ("device", "precision", "channels_last", "num_workers", "threads", "progress")
+#: The files of a run folder (and so the names of their temporary files).
+RUN_FILES = ("config.json", "splits.json", "last.pt", "best.pt", "log.csv", "curves.png")
 
 
 class ConfigError(ValueError):
@@ -147,8 +159,19 @@ class TrainConfig:
             )
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("--epochs and --batch-size must be at least 1")
+        numbers = (self.lr, self.min_lr, self.weight_decay, self.bce_weight, self.color_jitter)
+        if not all(math.isfinite(v) for v in numbers):
+            raise ConfigError(
+                "--lr, --min-lr, --weight-decay, --bce-weight, --color-jitter must be finite"
+            )
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr and self.weight_decay >= 0):
             raise ConfigError("need lr > 0, 0 <= min_lr <= lr and weight_decay >= 0")
+        if self.bce_weight < 0 or self.color_jitter < 0:
+            raise ConfigError("--bce-weight and --color-jitter must be at least 0")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.num_workers < 0 or self.threads < 0 or self.bn_recalibration < 0:
+            raise ConfigError("--workers, --threads and --bn-recalibration must be at least 0")
         if not 0 < self.hold_fraction <= 1:
             raise ConfigError(f"--hold-fraction must be in (0, 1], got {self.hold_fraction}")
         if not 0 < self.min_scale <= 1:
@@ -455,7 +478,9 @@ def _plot_curves(path: Path, history: list[dict[str, Any]]) -> None:
 
 
 def _check_new_run_dir(run_dir: Path) -> None:
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+    if run_dir.exists() and (
+        not run_dir.is_dir() or any(p.name != LOCK_NAME for p in run_dir.iterdir())
+    ):
         raise RunError(
             f"run folder {run_dir} already exists and is not empty; choose a new --out, "
             f"or continue that run with --resume {run_dir}"
@@ -494,273 +519,312 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False) -> 
     torch.set_num_threads(threads)
     dtype = autocast_dtype(cfg.precision, device)
 
-    # Everything that can fail on bad input is checked before anything is written.
-    ckpt = None
-    saved_info: dict[str, Any] = {}
-    if resume:
-        try:
-            saved_info = json.loads((run_dir / "config.json").read_text())
-        except (OSError, ValueError) as err:
-            raise RunError(f"{run_dir} is not a training run folder to resume ({err})") from err
-        if (run_dir / "last.pt").is_file():
-            ckpt = load_checkpoint(run_dir / "last.pt")
-            done = int(ckpt["epoch"])
-            if cfg.epochs != saved_info["config"]["epochs"] and cfg.epochs <= done:
-                raise ConfigError(
-                    f"{run_dir} has completed {done} epochs: a new --epochs must be larger"
-                )
-            if done >= cfg.epochs:
-                logger.info("run %s is already complete (%d epochs)", run_dir, done)
-                return run_dir
-    else:
-        _check_new_run_dir(run_dir)
-    data_root = Path(cfg.data)
-    pairs = find_pairs(data_root)
-    splits = resolve_splits(
-        data_root, [p.stem for p in pairs], seed=cfg.seed, val_fraction=cfg.val_fraction
-    )
-    by_stem = {p.stem: p for p in pairs}
-    n_train = len(splits["train"])
-    if n_train // ctx.world < cfg.batch_size:
-        raise DatasetError(
-            f"the train split has {n_train} image(s), fewer than one batch of {cfg.batch_size}"
-            + (f" per process ({ctx.world} processes)" if ctx.world > 1 else "")
-            + ": add images or lower --batch-size"
-        )
-    t0 = time.perf_counter()
-    train_ds = CachedSegmentationDataset(
-        [by_stem[s] for s in splits["train"]],
-        cfg.size,
-        augment=Augment(min_scale=cfg.min_scale, color=cfg.color_jitter),
-        seed=cfg.seed,
-    )
-    val_ds = CachedSegmentationDataset([by_stem[s] for s in splits["val"]], cfg.size)
-    logger.info(
-        "cached %d train + %d val images from %s in %.1f s",
-        len(train_ds),
-        len(val_ds),
-        data_root,
-        time.perf_counter() - t0,
-    )
-
-    torch.manual_seed(cfg.seed)
-    weights = None
-    if cfg.imagenet:
-        from torchvision.models import MobileNet_V3_Large_Weights
-
-        weights = MobileNet_V3_Large_Weights.IMAGENET1K_V1
-    try:  # before the run folder exists: a failed download must leave nothing behind
-        model = LVUNet(1, weights=weights)
-    except RuntimeError as err:
-        raise ConfigError(str(err)) from err
-
-    ctx.barrier()  # every rank checked the folder before rank 0 creates it
-    if ctx.main and resume and cfg.epochs != saved_info["config"]["epochs"]:
-        # A changed length re-times the rest of the run: act_learn follows the new curve
-        # (reaching 1 for the final hold_fraction of the new length) and the learning
-        # rate the cosine over the new number of steps. Recorded, never silent.
-        done = int(ckpt["epoch"]) if ckpt is not None else 0
-        logger.warning(
-            "run length changed from %d to %d epochs after epoch %d: act_learn and the "
-            "learning rate follow the new schedule from here",
-            saved_info["config"]["epochs"],
-            cfg.epochs,
-            done,
-        )
-        saved_info.setdefault("schedule_changes", []).append(
-            {
-                "after_epoch": done,
-                "epochs_from": saved_info["config"]["epochs"],
-                "epochs_to": cfg.epochs,
-            }
-        )
-        saved_info["config"]["epochs"] = cfg.epochs
-        atomic_write_text(run_dir / "config.json", json.dumps(saved_info, indent=2) + "\n")
-    if ctx.main and not resume:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        info = {
-            "config": asdict(cfg),
-            "code_version": code_version(),
-            "torch": torch.__version__,
-            "device": str(device),
-            "autocast": str(dtype).replace("torch.", "") if dtype else "fp32",
-            "world_size": ctx.world,
-            "dataset": {"path": str(data_root.resolve()), "name": data_root.resolve().name},
-            "split_sizes": {k: len(v) for k, v in splits.items()},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        atomic_write_text(run_dir / "config.json", json.dumps(info, indent=2) + "\n")
-        atomic_write_text(run_dir / "splits.json", json.dumps(splits, indent=1) + "\n")
-
-    model = model.to(device)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    net: torch.nn.Module = model
-    if ctx.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-
-    sampler = DistributedSampler(
-        train_ds, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=cfg.seed, drop_last=True
-    )
-    loader_kw: dict[str, Any] = {
-        "num_workers": cfg.num_workers,
-        "pin_memory": device.type == "cuda",
-        "persistent_workers": cfg.num_workers > 0,
-    }
-    train_loader = DataLoader(
-        train_ds, cfg.batch_size, sampler=sampler, drop_last=True, **loader_kw
-    )
-    val_part = Subset(val_ds, range(ctx.rank, len(val_ds), ctx.world))
-    val_loader = DataLoader(val_part, cfg.batch_size, shuffle=False, **loader_kw)
-    steps = len(train_loader) if cfg.max_steps is None else min(cfg.max_steps, len(train_loader))
-
-    criterion = BCEDiceLoss(cfg.bce_weight)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total_steps = cfg.epochs * steps
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    start_epoch, best_dice, best_epoch, history = 0, -1.0, -1, []
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_state(ckpt["rng"])
-        start_epoch = int(ckpt["epoch"])
-        best_dice, best_epoch = float(ckpt["best_val_dice"]), int(ckpt["best_epoch"])
-        history = list(ckpt["history"])
-        logger.info("resuming %s at epoch %d of %d", run_dir, start_epoch + 1, cfg.epochs)
-
-    from tqdm.auto import tqdm
-
-    show = cfg.progress and ctx.main
-    for epoch in range(start_epoch, cfg.epochs):
-        # Never lower act_learn: a run lengthened on resume after reaching 1 stays fusible.
-        floor = float(history[-1]["act_learn"]) if history else 0.0
-        act_learn = max(act_learn_at(epoch, cfg.epochs, cfg.hold_fraction), floor)
-        model.set_act_learn(act_learn)
-        train_ds.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        net.train()
-        t0 = time.perf_counter()
-        loss_sum = dice_sum = 0.0
-        seen = 0
-        bar = tqdm(
-            total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show, leave=False
-        )
-        for step, (x, y) in enumerate(train_loader):
-            if step >= steps:
-                break
-            x = normalize(x.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
-            y = y.to(device, non_blocking=True)
-            lr = cosine_lr(epoch * steps + step, total_steps, cfg.lr, cfg.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+    # The folder is claimed (created and locked) before the dataset is cached, and
+    # held until the run ends: two runs never write into one folder, and a run that
+    # fails before writing anything leaves no folder behind.
+    claim = RunClaim(run_dir) if ctx.main else None
+    try:
+        if claim is not None:
+            claim.acquire()
+            # A process killed mid-write leaves its temporary files; they are never
+            # reused, so drop them now that this process owns the folder.
+            remove_stale_temporaries(run_dir, RUN_FILES)
+        # Everything that can fail on bad input is checked before anything is written.
+        ckpt = None
+        saved_info: dict[str, Any] = {}
+        if resume:
             try:
-                loss, dice = optimisation_step(
-                    net, x, y, criterion=criterion, optimizer=optimizer, scaler=scaler, dtype=dtype
+                saved_info = json.loads((run_dir / "config.json").read_text())
+            except (OSError, ValueError) as err:
+                raise RunError(f"{run_dir} is not a training run folder to resume ({err})") from err
+            if (run_dir / "last.pt").is_file():
+                ckpt = load_checkpoint(run_dir / "last.pt")
+                done = int(ckpt["epoch"])
+                if cfg.epochs != saved_info["config"]["epochs"] and cfg.epochs <= done:
+                    raise ConfigError(
+                        f"{run_dir} has completed {done} epochs: a new --epochs must be larger"
+                    )
+                if done >= cfg.epochs:
+                    logger.info("run %s is already complete (%d epochs)", run_dir, done)
+                    return run_dir
+        else:
+            _check_new_run_dir(run_dir)
+        data_root = Path(cfg.data)
+        pairs = find_pairs(data_root)
+        splits = resolve_splits(
+            data_root, [p.stem for p in pairs], seed=cfg.seed, val_fraction=cfg.val_fraction
+        )
+        by_stem = {p.stem: p for p in pairs}
+        n_train = len(splits["train"])
+        if n_train // ctx.world < cfg.batch_size:
+            raise DatasetError(
+                f"the train split has {n_train} image(s), fewer than one batch of {cfg.batch_size}"
+                + (f" per process ({ctx.world} processes)" if ctx.world > 1 else "")
+                + ": add images or lower --batch-size"
+            )
+        t0 = time.perf_counter()
+        train_ds = CachedSegmentationDataset(
+            [by_stem[s] for s in splits["train"]],
+            cfg.size,
+            augment=Augment(min_scale=cfg.min_scale, color=cfg.color_jitter),
+            seed=cfg.seed,
+        )
+        val_ds = CachedSegmentationDataset([by_stem[s] for s in splits["val"]], cfg.size)
+        logger.info(
+            "cached %d train + %d val images from %s in %.1f s",
+            len(train_ds),
+            len(val_ds),
+            data_root,
+            time.perf_counter() - t0,
+        )
+
+        torch.manual_seed(cfg.seed)
+        weights = None
+        if cfg.imagenet:
+            from torchvision.models import MobileNet_V3_Large_Weights
+
+            weights = MobileNet_V3_Large_Weights.IMAGENET1K_V1
+        try:  # before the run folder exists: a failed download must leave nothing behind
+            model = LVUNet(1, weights=weights)
+        except RuntimeError as err:
+            raise ConfigError(str(err)) from err
+
+        ctx.barrier()  # every rank checked the folder before rank 0 creates it
+        if ctx.main and resume and cfg.epochs != saved_info["config"]["epochs"]:
+            # A changed length re-times the rest of the run: act_learn follows the new curve
+            # (reaching 1 for the final hold_fraction of the new length) and the learning
+            # rate the cosine over the new number of steps. Recorded, never silent.
+            done = int(ckpt["epoch"]) if ckpt is not None else 0
+            logger.warning(
+                "run length changed from %d to %d epochs after epoch %d: act_learn and the "
+                "learning rate follow the new schedule from here",
+                saved_info["config"]["epochs"],
+                cfg.epochs,
+                done,
+            )
+            saved_info.setdefault("schedule_changes", []).append(
+                {
+                    "after_epoch": done,
+                    "epochs_from": saved_info["config"]["epochs"],
+                    "epochs_to": cfg.epochs,
+                }
+            )
+            saved_info["config"]["epochs"] = cfg.epochs
+            atomic_write_text(run_dir / "config.json", json.dumps(saved_info, indent=2) + "\n")
+        if ctx.main and not resume:
+            info = {
+                "config": asdict(cfg),
+                "code_version": code_version(),
+                "torch": torch.__version__,
+                "device": str(device),
+                "autocast": str(dtype).replace("torch.", "") if dtype else "fp32",
+                "world_size": ctx.world,
+                "dataset": {"path": str(data_root.resolve()), "name": data_root.resolve().name},
+                "split_sizes": {k: len(v) for k, v in splits.items()},
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+            atomic_write_text(run_dir / "config.json", json.dumps(info, indent=2) + "\n")
+            atomic_write_text(run_dir / "splits.json", json.dumps(splits, indent=1) + "\n")
+
+        model = model.to(device)
+        memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        model = model.to(memory_format=memory_format)
+        net: torch.nn.Module = model
+        if ctx.world > 1:
+            net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+
+        sampler = DistributedSampler(
+            train_ds,
+            num_replicas=ctx.world,
+            rank=ctx.rank,
+            shuffle=True,
+            seed=cfg.seed,
+            drop_last=True,
+        )
+        loader_kw: dict[str, Any] = {
+            "num_workers": cfg.num_workers,
+            "pin_memory": device.type == "cuda",
+            "persistent_workers": cfg.num_workers > 0,
+        }
+        train_loader = DataLoader(
+            train_ds, cfg.batch_size, sampler=sampler, drop_last=True, **loader_kw
+        )
+        val_part = Subset(val_ds, range(ctx.rank, len(val_ds), ctx.world))
+        val_loader = DataLoader(val_part, cfg.batch_size, shuffle=False, **loader_kw)
+        steps = (
+            len(train_loader) if cfg.max_steps is None else min(cfg.max_steps, len(train_loader))
+        )
+
+        criterion = BCEDiceLoss(cfg.bce_weight)
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        total_steps = cfg.epochs * steps
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        start_epoch, best_dice, best_epoch, history = 0, -1.0, -1, []
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scaler.load_state_dict(ckpt["scaler"])
+            _set_rng_state(ckpt["rng"])
+            start_epoch = int(ckpt["epoch"])
+            best_dice, best_epoch = float(ckpt["best_val_dice"]), int(ckpt["best_epoch"])
+            history = list(ckpt["history"])
+            logger.info("resuming %s at epoch %d of %d", run_dir, start_epoch + 1, cfg.epochs)
+
+        from tqdm.auto import tqdm
+
+        show = cfg.progress and ctx.main
+        for epoch in range(start_epoch, cfg.epochs):
+            # Never lower act_learn: a run lengthened on resume after reaching 1 stays fusible.
+            floor = float(history[-1]["act_learn"]) if history else 0.0
+            act_learn = max(act_learn_at(epoch, cfg.epochs, cfg.hold_fraction), floor)
+            model.set_act_learn(act_learn)
+            train_ds.set_epoch(epoch)
+            sampler.set_epoch(epoch)
+            net.train()
+            t0 = time.perf_counter()
+            loss_sum = dice_sum = 0.0
+            seen = 0
+            bar = tqdm(
+                total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show, leave=False
+            )
+            for step, (x, y) in enumerate(train_loader):
+                if step >= steps:
+                    break
+                x = normalize(x.to(device, non_blocking=True)).contiguous(
+                    memory_format=memory_format
                 )
-            except TrainingDiverged as err:
-                raise TrainingDiverged(
-                    f"{err} at epoch {epoch + 1}, step {step + 1}: training diverged (try a "
-                    "lower --lr, or --precision fp32); the last good checkpoint is untouched"
-                ) from None
-            loss_sum += loss * len(x)
-            dice_sum += float(dice.sum())
-            seen += len(x)
-            bar.update()
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", dice=f"{dice_sum / seen:.4f}")
-        bar.close()
-        train_time = time.perf_counter() - t0
-        loss_sum, dice_sum, seen_all = ctx.all_sum([loss_sum, dice_sum, float(seen)], device)
-        if cfg.bn_recalibration:
-            recalibrate_batchnorm(
+                y = y.to(device, non_blocking=True)
+                lr = cosine_lr(epoch * steps + step, total_steps, cfg.lr, cfg.min_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                try:
+                    loss, dice = optimisation_step(
+                        net,
+                        x,
+                        y,
+                        criterion=criterion,
+                        optimizer=optimizer,
+                        scaler=scaler,
+                        dtype=dtype,
+                    )
+                except TrainingDiverged as err:
+                    raise TrainingDiverged(
+                        f"{err} at epoch {epoch + 1}, step {step + 1}: training diverged (try a "
+                        "lower --lr, or --precision fp32); the last good checkpoint is untouched"
+                    ) from None
+                loss_sum += loss * len(x)
+                dice_sum += float(dice.sum())
+                seen += len(x)
+                bar.update()
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", dice=f"{dice_sum / seen:.4f}")
+            bar.close()
+            train_time = time.perf_counter() - t0
+            loss_sum, dice_sum, seen_all = ctx.all_sum([loss_sum, dice_sum, float(seen)], device)
+            if cfg.bn_recalibration:
+                recalibrate_batchnorm(
+                    model,
+                    train_ds.images[: cfg.bn_recalibration],
+                    cfg.size,
+                    batch_size=cfg.batch_size,
+                    device=device,
+                    dtype=dtype,
+                    channels_last=cfg.channels_last,
+                )
+            v = validate(
                 model,
-                train_ds.images[: cfg.bn_recalibration],
-                cfg.size,
-                batch_size=cfg.batch_size,
-                device=device,
+                val_loader,
+                device,
+                criterion=criterion,
                 dtype=dtype,
                 channels_last=cfg.channels_last,
             )
-        v = validate(
-            model,
-            val_loader,
-            device,
-            criterion=criterion,
-            dtype=dtype,
-            channels_last=cfg.channels_last,
-        )
-        vs = ctx.all_sum([v["loss"], v["dice"], v["iou"], v["n"]], device)
-        row = {
-            "epoch": epoch + 1,
-            "act_learn": round(act_learn, 6),
-            "lr": cosine_lr((epoch + 1) * steps, total_steps, cfg.lr, cfg.min_lr),
-            "train_loss": loss_sum / seen_all,
-            "train_dice": dice_sum / seen_all,
-            "val_loss": vs[0] / vs[3],
-            "val_dice": vs[1] / vs[3],
-            "val_iou": vs[2] / vs[3],
-            "train_images_per_s": seen_all / train_time,
-            "epoch_s": time.perf_counter() - t0,
-        }
-        history.append(row)
-        fusible = act_learn == 1.0
-        is_best = fusible and row["val_dice"] > best_dice
-        if is_best:
-            best_dice, best_epoch = row["val_dice"], epoch + 1
-        if ctx.main:
-            payload = {
-                "format": CHECKPOINT_FORMAT,
-                "model": model.state_dict(),
-                "model_config": model.config,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": {"last_epoch": (epoch + 1) * steps, "total_steps": total_steps},
-                "scaler": scaler.state_dict(),
-                "rng": _rng_state(),
+            vs = ctx.all_sum([v["loss"], v["dice"], v["iou"], v["n"]], device)
+            row = {
                 "epoch": epoch + 1,
-                "act_learn": act_learn,
-                "metrics": dict(row),
-                "best_val_dice": best_dice,
-                "best_epoch": best_epoch,
-                "history": history,
-                "config": asdict(cfg),
-                # The stems of each split (as in splits.json), so that export and
-                # evaluate score exactly the images this run validated on.
-                "dataset": {
-                    "name": data_root.resolve().name,
-                    "splits": splits,
-                    "seed": cfg.seed,
-                    "val_fraction": cfg.val_fraction,
-                },
-                "code_version": code_version(),
+                "act_learn": round(act_learn, 6),
+                "lr": cosine_lr((epoch + 1) * steps, total_steps, cfg.lr, cfg.min_lr),
+                "train_loss": loss_sum / seen_all,
+                "train_dice": dice_sum / seen_all,
+                "val_loss": vs[0] / vs[3],
+                "val_dice": vs[1] / vs[3],
+                "val_iou": vs[2] / vs[3],
+                "train_images_per_s": seen_all / train_time,
+                "epoch_s": time.perf_counter() - t0,
             }
-            atomic_save(payload, run_dir / "last.pt")
+            bad = [k for k, v in row.items() if not math.isfinite(v)]
+            if bad:  # before anything of this epoch is saved: it can never be "best"
+                raise TrainingDiverged(
+                    f"{', '.join(bad)} became {row[bad[0]]} at epoch {epoch + 1}: training "
+                    "diverged (try a lower --lr, or --precision fp32); the last good "
+                    "checkpoint is untouched"
+                )
+            history.append(row)
+            fusible = act_learn == 1.0
+            is_best = fusible and row["val_dice"] > best_dice
             if is_best:
-                atomic_save(payload, run_dir / "best.pt")
-            _write_log(run_dir, history)
+                best_dice, best_epoch = row["val_dice"], epoch + 1
+            if ctx.main:
+                payload = {
+                    "format": CHECKPOINT_FORMAT,
+                    "model": model.state_dict(),
+                    "model_config": model.config,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": {"last_epoch": (epoch + 1) * steps, "total_steps": total_steps},
+                    "scaler": scaler.state_dict(),
+                    "rng": _rng_state(),
+                    "epoch": epoch + 1,
+                    "act_learn": act_learn,
+                    "metrics": dict(row),
+                    "best_val_dice": best_dice,
+                    "best_epoch": best_epoch,
+                    "history": history,
+                    "config": asdict(cfg),
+                    # The stems of each split (as in splits.json), so that export and
+                    # evaluate score exactly the images this run validated on.
+                    "dataset": {
+                        "name": data_root.resolve().name,
+                        "splits": splits,
+                        "seed": cfg.seed,
+                        "val_fraction": cfg.val_fraction,
+                    },
+                    "code_version": code_version(),
+                }
+                atomic_save(payload, run_dir / "last.pt")
+                if is_best:
+                    atomic_save(payload, run_dir / "best.pt")
+                _write_log(run_dir, history)
+                logger.info(
+                    "epoch %d/%d  act_learn %.4f  lr %.2e  loss %.4f  dice %.4f | val loss %.4f "
+                    "dice %.4f iou %.4f%s | %.1f img/s, %.0f s",
+                    epoch + 1,
+                    cfg.epochs,
+                    act_learn,
+                    row["lr"],
+                    row["train_loss"],
+                    row["train_dice"],
+                    row["val_loss"],
+                    row["val_dice"],
+                    row["val_iou"],
+                    "  (best)" if is_best else "",
+                    row["train_images_per_s"],
+                    row["epoch_s"],
+                )
+            ctx.barrier()
+        if ctx.main:
             logger.info(
-                "epoch %d/%d  act_learn %.4f  lr %.2e  loss %.4f  dice %.4f | val loss %.4f "
-                "dice %.4f iou %.4f%s | %.1f img/s, %.0f s",
-                epoch + 1,
-                cfg.epochs,
-                act_learn,
-                row["lr"],
-                row["train_loss"],
-                row["train_dice"],
-                row["val_loss"],
-                row["val_dice"],
-                row["val_iou"],
-                "  (best)" if is_best else "",
-                row["train_images_per_s"],
-                row["epoch_s"],
+                "done: best val Dice %.4f at epoch %d; %s",
+                best_dice,
+                best_epoch,
+                run_dir / "best.pt",
             )
-        ctx.barrier()
-    if ctx.main:
-        logger.info(
-            "done: best val Dice %.4f at epoch %d; %s", best_dice, best_epoch, run_dir / "best.pt"
-        )
-    return run_dir
+        return run_dir
+    except OutputError as err:
+        raise RunError(str(err)) from None
+    finally:
+        if claim is not None:
+            claim.release()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -788,33 +852,41 @@ def _parser() -> argparse.ArgumentParser:
         "may change the run's length)",
     )
     g = p.add_argument_group("recipe (fixed for a run; on --resume only --epochs may change)")
-    g.add_argument("--epochs", type=int, help=f"epochs (default {d.epochs})")
+    g.add_argument("--epochs", type=integer(1), help=f"epochs (default {d.epochs})")
     g.add_argument(
-        "--batch-size", type=int, help=f"images per step and process (default {d.batch_size})"
+        "--batch-size",
+        type=integer(1),
+        help=f"images per step and process (default {d.batch_size})",
     )
-    g.add_argument("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
-    g.add_argument("--min-lr", type=float, help=f"end of the cosine decay (default {d.min_lr})")
+    g.add_argument("--lr", type=number(positive=True), help=f"Adam learning rate (default {d.lr})")
+    g.add_argument("--min-lr", type=number(), help=f"end of the cosine decay (default {d.min_lr})")
     g.add_argument(
-        "--weight-decay", type=float, help=f"Adam weight decay (default {d.weight_decay})"
+        "--weight-decay", type=number(), help=f"Adam weight decay (default {d.weight_decay})"
     )
     g.add_argument(
-        "--bce-weight", type=float, help=f"loss = w * BCE + Dice (default {d.bce_weight})"
+        "--bce-weight", type=number(), help=f"loss = w * BCE + Dice (default {d.bce_weight})"
     )
     g.add_argument(
-        "--size", type=int, nargs="+", metavar="PX", help="training size, H [W] (default 256)"
+        "--size",
+        type=multiple_of(SIZE_DIVISOR),
+        nargs="+",
+        metavar="PX",
+        help="training size, H [W] (default 256)",
     )
     g.add_argument(
         "--hold-fraction",
-        type=float,
+        type=fraction(closed=True),
         help=f"final share of epochs with act_learn exactly 1 (default {d.hold_fraction})",
     )
     g.add_argument(
-        "--min-scale", type=float, help=f"smallest random-crop area (default {d.min_scale})"
+        "--min-scale",
+        type=fraction(closed=True),
+        help=f"smallest random-crop area (default {d.min_scale})",
     )
     g.add_argument(
-        "--color-jitter", type=float, help=f"colour jitter strength (default {d.color_jitter})"
+        "--color-jitter", type=number(), help=f"colour jitter strength (default {d.color_jitter})"
     )
-    g.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
+    g.add_argument("--seed", type=integer(0), help=f"random seed (default {d.seed})")
     g.add_argument(
         "--imagenet",
         action="store_true",
@@ -822,17 +894,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--val-fraction",
-        type=float,
+        type=fraction(closed=False),
         help=f"val share without splits.json (default {d.val_fraction})",
     )
     g.add_argument(
         "--bn-recalibration",
-        type=int,
+        type=integer(0),
         metavar="N",
         help=f"re-estimate BatchNorm statistics on N train images after each epoch, before "
         f"validation and checkpointing (default {d.bn_recalibration}; 0: off)",
     )
-    g.add_argument("--max-steps", type=int, help="cap on optimiser steps per epoch (quick checks)")
+    g.add_argument(
+        "--max-steps", type=integer(1), help="cap on optimiser steps per epoch (quick checks)"
+    )
     r = p.add_argument_group("runtime (may change when resuming)")
     r.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, mps")
     r.add_argument(
@@ -844,9 +918,11 @@ def _parser() -> argparse.ArgumentParser:
         "--no-channels-last", dest="channels_last", action="store_false", help="NCHW memory"
     )
     r.add_argument(
-        "--workers", dest="num_workers", type=int, help="data loader workers (default 0)"
+        "--workers", dest="num_workers", type=integer(0), help="data loader workers (default 0)"
     )
-    r.add_argument("--threads", type=int, help="torch threads (default: cores / local processes)")
+    r.add_argument(
+        "--threads", type=integer(1), help="torch threads (default: cores / local processes)"
+    )
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 
