@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -182,24 +183,47 @@ def read_image(path: str | os.PathLike[str], *, mask: bool = False) -> np.ndarra
     indices are its label values); 1-bit and grey+alpha images become grey; CMYK, YCbCr,
     LAB and HSV become RGB.
 
+    A damaged file is refused, never decoded into wrong pixels where the format can tell:
+    a PNG's chunk checksums are verified, and a TIFF whose structure tifffile finds
+    corrupted (strip counts, offsets, tag lists, page chain) is refused instead of padded
+    with zeros or cut short.
+
     Args:
         path: The file.
         mask: Read a mask (see above).
 
     Returns:
-        The pixel array as decoded: ``(H, W)``, ``(H, W, 3|4)`` or a TIFF's own shape.
+        The pixel array as decoded: ``(H, W)``, ``(H, W, 3|4)`` or a TIFF's own shape;
+        never empty.
 
     Raises:
-        Exception: Whatever the decoder raises for a missing or undecodable file; the
-            callers turn it into their own error naming the file.
+        OSError: If the file is missing or unreadable, or Pillow cannot identify or
+            finish it (``PIL.UnidentifiedImageError``, a truncated file).
+        ValueError: If the file is damaged or holds no pixels; the message names the file.
     """
     path = Path(path)
-    if path.suffix.lower() in TIFF_SUFFIXES:
-        import tifffile
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            array = _read_tiff(path)
+        else:
+            array = _read_pillow(path, mask=mask)
+    except (OSError, ValueError):
+        raise
+    except Exception as err:  # zlib.error, SyntaxError, struct.error, IndexError, ...
+        raise ValueError(f"cannot decode {path}: {type(err).__name__}: {err}") from err
+    if array.size == 0:
+        raise ValueError(f"{path} holds no pixels (array shape {array.shape})")
+    return array
 
-        return np.asarray(tifffile.imread(path))
+
+def _read_pillow(path: Path, *, mask: bool) -> np.ndarray:
     from PIL import Image
 
+    with Image.open(path) as img:
+        if img.format == "PNG":
+            # Decoding does not check the pixel chunks' CRCs, so a damaged PNG would give
+            # wrong pixels; verify() checks every chunk (and needs a fresh open after).
+            img.verify()
     with Image.open(path) as img:
         if img.mode in ("P", "PA") and mask:
             img = img.getchannel(0)
@@ -210,3 +234,37 @@ def read_image(path: str | os.PathLike[str], *, mask: bool = False) -> np.ndarra
         elif img.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
             img = img.convert("RGB")
         return np.asarray(img)
+
+
+class _ThreadErrors(logging.Handler):
+    """Collects the ERROR records the calling thread logs (batch reads run in threads)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.messages.append(record.getMessage())
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    import tifffile
+
+    # tifffile logs corrupted structure as an ERROR and carries on: a wrong strip count is
+    # padded with zeros (one flipped byte made a 5 x 256 x 320 stack 2.6 million rows of
+    # zeros), a broken page chain cuts a stack short. Both are refused here.
+    errors = _ThreadErrors()
+    tiff_logger = logging.getLogger("tifffile")
+    tiff_logger.addHandler(errors)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            tif.series  # noqa: B018 - parses every page, logging any corruption
+            if not errors.messages:
+                array = np.asarray(tif.asarray())
+    finally:
+        tiff_logger.removeHandler(errors)
+    if errors.messages:
+        raise ValueError(f"{path} is a damaged TIFF: {errors.messages[0]}")
+    return array
