@@ -5,6 +5,7 @@ Launch (from the repository root)::
     python benchmarks/bench_coldstart.py                    # this checkout, 7 runs per case
     python benchmarks/bench_coldstart.py --runs 15 --json coldstart.json
     python benchmarks/bench_coldstart.py --source /tmp/old  # another checkout (a worktree)
+    python benchmarks/bench_coldstart.py --source /tmp/old --source .   # before / after
 
 Every case below runs in its own new interpreter (``sys.executable``), so it pays for
 everything it imports, as a user's command does. The cases take turns (round 1 runs each
@@ -31,8 +32,9 @@ registry name, as the README shows it; with the older engine it is the loaded mo
 
 ``--source DIR`` measures another checkout of the project with this environment's
 packages (it goes first on ``PYTHONPATH``); ``git worktree add /tmp/old COMMIT`` makes one
-without touching your working tree. Other processes distort every figure: the load
-average is printed before and after.
+without touching your working tree. Given more than once, the checkouts' runs take turns
+in the same rounds, so a before / after comparison sees the same background load. Other
+processes distort every figure: the load average is printed before and after.
 """
 
 from __future__ import annotations
@@ -152,64 +154,21 @@ def _git_head(source: Path) -> str:
     return proc.stdout.strip()[:72] if proc.returncode == 0 else "(not a git checkout)"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=7, help="measured runs per case (default 7)")
-    parser.add_argument("--api-runs", type=int, default=30, help="calls per API (default 30)")
-    parser.add_argument(
-        "--source", type=Path, default=ROOT, help="checkout to measure (default: this one)"
+def _measure_api(env: dict[str, str], cwd: Path, runs: int) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-c", _API_SCRIPT, str(runs)],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
     )
-    parser.add_argument("--json", type=Path, help="also write every figure to this file")
-    args = parser.parse_args(argv)
-    if args.runs < 1 or args.api_runs < 1:
-        parser.error("--runs and --api-runs must be at least 1")
-    source = args.source.resolve()
-    if not (source / "napari_lvunet" / "__init__.py").is_file():
-        parser.error(f"{source} is not a napari-lvunet checkout")
+    if proc.returncode != 0:
+        raise RuntimeError(f"API comparison failed: {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    load_before = _load()
-    with tempfile.TemporaryDirectory(prefix="lvunet-coldstart-") as tmp:
-        tmp_path = Path(tmp)
-        env = {**os.environ, "PYTHONPATH": str(source)}
-        env["NAPARI_LVUNET_CACHE"] = str(tmp_path / "cache")
-        cases = _cases(source, tmp_path / "out")
-        first: dict[str, dict[str, Any]] = {}
-        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in cases}
-        for round_ in range(args.runs + 1):
-            for name, cmd in cases.items():
-                if name == "napari-lvunet segment":  # a new folder: never --overwrite
-                    cmd = [*cmd[:-1], str(tmp_path / f"out{round_}")]
-                result = run_once(cmd, env, tmp_path)
-                if round_ == 0:
-                    first[name] = result
-                else:
-                    runs[name].append(result)
-        api = subprocess.run(
-            [sys.executable, "-c", _API_SCRIPT, str(args.api_runs)],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-        )
-        if api.returncode != 0:
-            raise RuntimeError(f"API comparison failed: {api.stderr.strip()[-2000:]}")
-        api_result = json.loads(api.stdout.strip().splitlines()[-1])
 
-    table = {
-        name: {
-            "seconds": statistics.median(r["seconds"] for r in results),
-            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in results),
-            "first_seconds": first[name]["seconds"],
-            "runs": results,
-        }
-        for name, results in runs.items()
-    }
-    print(
-        f"\nnapari-lvunet cold start: {source} ({_git_head(source)})\n"
-        f"{os.cpu_count()} CPUs ({_cpu_name()}), Python {platform.python_version()}; "
-        f"load average before {load_before}, after {_load()}\n"
-        f"each case a new process; medians of {args.runs} runs after 1 warm-up run\n"
-    )
+def _print_source(source: Path, table: dict[str, Any], api: dict[str, Any], args: Any) -> None:
+    print(f"\n### {source} ({_git_head(source)})\n")
     print("| command (new process) | wall s | peak RSS MB | first run s |")
     print("|---|---|---|---|")
     for name, row in table.items():
@@ -218,39 +177,110 @@ def main(argv: list[str] | None = None) -> int:
             f"| {row['first_seconds']:.2f} |"
         )
     seg = table["napari-lvunet segment"]
-    verdict = (
-        "met" if seg["seconds"] <= TARGET_SECONDS and seg["peak_rss_mb"] <= TARGET_MB else "MISSED"
-    )
+    met = seg["seconds"] <= TARGET_SECONDS and seg["peak_rss_mb"] <= TARGET_MB
     print(
         f"\ntarget for `napari-lvunet segment` on the sample: <= {TARGET_SECONDS:.0f} s and "
-        f"<= {TARGET_MB} MB: {verdict}"
+        f"<= {TARGET_MB} MB: {'met' if met else 'MISSED'}"
     )
-    ms = api_result["ms"]
-    ratio = ms["segment()"] / ms["Segmenter.segment"]
+    ms = api["ms"]
     print(
-        f"\nIn one process, warm, {api_result['shape']} RGB sample, device cpu, medians of "
-        f"{args.api_runs} alternating calls (model passed as: {api_result['model_arg']}; "
-        f"same labels: {api_result['same_labels']}; torch imported: "
-        f"{api_result['torch_loaded']}):\n"
+        f"\nIn one process, warm, {api['shape']} RGB sample, device cpu, medians of "
+        f"{args.api_runs} alternating calls (model passed as: {api['model_arg']}; "
+        f"same labels: {api['same_labels']}; torch imported: {api['torch_loaded']}):\n"
     )
     print("| call | ms |")
     print("|---|---|")
     for name, value in ms.items():
         print(f"| {name} | {value:.1f} |")
+    ratio = ms["segment()"] / ms["Segmenter.segment"]
     print(f"\nsegment() / Segmenter.segment = {ratio:.2f} (target: within 10%, <= 1.10)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=7, help="measured runs per case (default 7)")
+    parser.add_argument("--api-runs", type=int, default=30, help="calls per API (default 30)")
+    parser.add_argument(
+        "--source",
+        type=Path,
+        action="append",
+        help="checkout to measure (default: this one); repeat it to measure several in the "
+        "same interleaved rounds (before / after)",
+    )
+    parser.add_argument("--json", type=Path, help="also write every figure to this file")
+    args = parser.parse_args(argv)
+    if args.runs < 1 or args.api_runs < 1:
+        parser.error("--runs and --api-runs must be at least 1")
+    sources = [s.resolve() for s in args.source or [ROOT]]
+    for source in sources:
+        if not (source / "napari_lvunet" / "__init__.py").is_file():
+            parser.error(f"{source} is not a napari-lvunet checkout")
+
+    load_before = _load()
+    first: dict[Path, dict[str, Any]] = {s: {} for s in sources}
+    runs: dict[Path, dict[str, list[dict[str, Any]]]] = {s: {} for s in sources}
+    api: dict[Path, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="lvunet-coldstart-") as tmp:
+        work = {}
+        for i, source in enumerate(sources):
+            folder = Path(tmp, str(i))
+            folder.mkdir()
+            env = {**os.environ, "PYTHONPATH": str(source)}
+            env["NAPARI_LVUNET_CACHE"] = str(folder / "cache")
+            work[source] = (folder, env, _cases(source, folder / "out"))
+        # Round 0 is the warm-up; every round runs every case of every source once.
+        for round_ in range(args.runs + 1):
+            for source, (folder, env, cases) in work.items():
+                for name, cmd in cases.items():
+                    if name == "napari-lvunet segment":  # a new folder: never --overwrite
+                        cmd = [*cmd[:-1], str(folder / f"out{round_}")]
+                    result = run_once(cmd, env, folder)
+                    if round_ == 0:
+                        first[source][name] = result
+                    else:
+                        runs[source].setdefault(name, []).append(result)
+        for source, (folder, env, _) in work.items():
+            api[source] = _measure_api(env, folder, args.api_runs)
+
+    tables = {
+        source: {
+            name: {
+                "seconds": statistics.median(r["seconds"] for r in results),
+                "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in results),
+                "first_seconds": first[source][name]["seconds"],
+                "runs": results,
+            }
+            for name, results in runs[source].items()
+        }
+        for source in sources
+    }
+    print(
+        f"\nnapari-lvunet cold start: {os.cpu_count()} CPUs ({_cpu_name()}), Python "
+        f"{platform.python_version()}; load average before {load_before}, after {_load()}\n"
+        f"each case a new process; medians of {args.runs} runs after 1 warm-up run"
+        + (", the checkouts' runs interleaved" if len(sources) > 1 else "")
+    )
+    for source in sources:
+        _print_source(source, tables[source], api[source], args)
 
     if args.json:
         args.json.write_text(
             json.dumps(
                 {
-                    "source": str(source),
-                    "commit": _git_head(source),
                     "cpu": _cpu_name(),
                     "cpus": os.cpu_count(),
                     "load_before": load_before,
                     "load_after": _load(),
-                    "commands": table,
-                    "api": api_result,
+                    "runs": args.runs,
+                    "sources": [
+                        {
+                            "source": str(s),
+                            "commit": _git_head(s),
+                            "commands": tables[s],
+                            "api": api[s],
+                        }
+                        for s in sources
+                    ],
                 },
                 indent=2,
             )
