@@ -661,7 +661,8 @@ class _SegmenterLike(Protocol):
 
 @dataclass
 class VideoSummary:
-    """What :func:`segment_video` wrote and measured, pooled over all frames."""
+    """What :func:`segment_video` wrote and measured, pooled over all frames (the
+    foreground statistics are measured with the frame table only: zero without it)."""
 
     frames: int
     fps: float
@@ -853,11 +854,14 @@ def _run_pipeline(
         thread.start()
     done = 0
     try:
+        # Probabilities (full-size float arrays) only when the frame table needs them.
+        measure = csv_to is not None
         while (chunk := get(decoded)) is not _END:
-            labels, probs = segmenter.segment(
-                chunk, axes="TYXC", return_probabilities=True, cancel=cancel, **segment_kwargs
+            result = segmenter.segment(
+                chunk, axes="TYXC", return_probabilities=measure, cancel=cancel, **segment_kwargs
             )
-            if probs.ndim == labels.ndim + 1:  # (C, T, H, W) -> per frame (T, C, H, W)
+            labels, probs = result if measure else (result, [None] * len(chunk))
+            if measure and probs.ndim == labels.ndim + 1:  # (C, T, H, W) -> (T, C, H, W)
                 probs = np.moveaxis(probs, 0, 1)
             if not put(segmented, (chunk, labels, probs)):
                 break
@@ -903,8 +907,11 @@ def _write_all(
             frames, labels, probs = item
             for frame, frame_labels, frame_probs in zip(frames, labels, probs, strict=True):
                 index = summary.written_frames
-                stats = frame_stats(frame_labels, frame_probs)
-                summary.add(stats)
+                if rows is None:
+                    summary.written_frames += 1
+                else:
+                    stats = frame_stats(frame_labels, frame_probs)
+                    summary.add(stats)
                 if mask_writer is not None:
                     mask_writer.write(_mask_frame(frame_labels, segmenter.num_classes, output))
                 if overlay_writer is not None:
