@@ -395,3 +395,39 @@ def test_segment_video_writes_nothing_on_error_or_cancel(segmenter, tmp_path: Pa
     with pytest.raises(FileExistsError):
         vid.segment_video(SAMPLE_VIDEO, segmenter, mask_path=mask)
     assert mask.read_bytes() == b"mine"
+
+
+@pytest.mark.gui
+@pytest.mark.slow
+def test_widget_segments_a_video_layer_frame_whole_and_live(make_napari_viewer, qtbot) -> None:
+    from napari_lvunet.inference import default_pool
+
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(str(SAMPLE_VIDEO), plugin="napari-lvunet")
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-lvunet", "LV-UNet segmentation")
+    assert widget.model.value == "lvunet-kvasir-seg"
+    reference = default_pool().get("lvunet-kvasir-seg", device="cpu")
+    video = layer.data
+
+    def wait() -> None:
+        qtbot.waitUntil(lambda: not widget.busy, timeout=120_000)
+
+    # The current frame: one frame decoded and segmented, like an image.
+    widget.scope.value = "slice"
+    viewer.dims.set_point(0, 40)
+    decoded = video.decoded_frames
+    widget.segment()
+    wait()
+    (one,) = [lay for lay in viewer.layers if lay.name == "kvasir_video labels"]
+    assert one.data.shape == (100, 360, 448)
+    np.testing.assert_array_equal(one.data[40], reference.segment(video[40]))
+    assert not one.data[:40].any() and not one.data[41:].any()
+    assert video.decoded_frames - decoded <= 2
+
+    # The whole video, as a T stack: equal to segmenting each frame as an image.
+    widget.scope.value = "stack"
+    widget.segment()
+    wait()
+    whole = [lay for lay in viewer.layers if lay.name.startswith("kvasir_video labels")][-1]
+    for i in (0, 55, 99):
+        np.testing.assert_array_equal(whole.data[i], reference.segment(video[i]))
