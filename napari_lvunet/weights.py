@@ -703,7 +703,8 @@ def _parse_header(head: bytes, file_size: int, path: Path) -> dict[str, Any]:
 
 
 def _metadata_from_header(header: Mapping[str, Any], path: Path) -> dict[str, Any]:
-    raw = (header.get("__metadata__") or {}).get(_METADATA_KEY)
+    strings = header.get("__metadata__")  # safetensors: a str -> str map, if well formed
+    raw = strings.get(_METADATA_KEY) if isinstance(strings, dict) else None
     if raw is None:
         raise WeightsError(
             f"{path} has no napari-lvunet metadata: it was not written by napari-lvunet "
