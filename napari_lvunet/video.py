@@ -296,6 +296,7 @@ class Video:
                 return cached
             if self._frames is None or not (self._next <= i <= self._next + _READ_ON_FRAMES):
                 self._seek(i)
+            from_start = False
             while True:
                 index, frame = self._decode_next()
                 if index < i:
@@ -308,9 +309,13 @@ class Video:
                     self._cache.popitem(last=False)
                 if index == i:
                     return rgb
-                # Overshot: the seek landed after frame i (a file with few key frames
-                # in its index); decode from the start, where every file begins.
+                if from_start:  # even decoding from the first frame skipped frame i
+                    self._frames = None
+                    raise VideoError(f"{self.path}: frame {i} cannot be decoded")
+                # Overshot: the seek landed after frame i (a key frame the index did not
+                # show as one); decode from the start, where every file begins.
                 self._seek(0, from_start=True)
+                from_start = True
 
     def _decode_next(self) -> tuple[int, Any]:
         assert self._frames is not None
