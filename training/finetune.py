@@ -59,23 +59,38 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
-from torch.utils.data import DataLoader
 
 from napari_lvunet.cancel import Cancelled, CancelToken
 from napari_lvunet.io import atomic_write
 from napari_lvunet.model import LVUNet, reparameterize_model
 from napari_lvunet.preprocess import normalize
 
+from .adapt import (
+    AUGMENTS,
+    DEFAULT_AUGMENT,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CHANGED_WEIGHT,
+    DEFAULT_LR,
+    DEFAULT_REPLAY,
+    DEFAULT_STEPS,
+    MixedBatches,
+    PairDataset,
+    WeightedBCEDiceLoss,
+    changed_pixels,
+    parse_share,
+    parse_weight,
+    replay_count,
+    schedule,
+)
 from .checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
     load_checkpoint,
     model_from_checkpoint,
 )
-from .data import Augment, CachedSegmentationDataset, DatasetError, Pair, find_pairs
+from .data import CachedSegmentationDataset, DatasetError, Pair, find_pairs
 from .evaluate import evaluate_pairs, summarize
 from .events import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, EventWriter
-from .losses import BCEDiceLoss
 from .options import integer, number
 from .outputs import OutputError, check_writable_folder
 from .train import TrainingDiverged, autocast_dtype, optimisation_step, select_device
@@ -285,9 +300,42 @@ def _heldout_dice(
     return summarize(rows)["dice"]
 
 
-def _check_options(epochs: int, lr: float, batch_size: int, max_minutes: float | None) -> None:
-    if epochs < 1 or batch_size < 1:
-        raise FinetuneError("epochs and batch_size must be at least 1")
+def _replay_dataset(
+    size: tuple[int, int], augment: Any, seed: int, cancel: CancelToken | None
+) -> CachedSegmentationDataset | None:
+    """The shipped replay set, cached at ``size``; ``None`` (with a warning) if missing."""
+    from .reference import replay_pairs
+
+    try:
+        pairs = [Pair(p.stem, p.image, p.mask) for p in replay_pairs()]
+    except (OSError, ValueError) as err:
+        logger.warning("fine-tuning without replay: the replay set is unusable (%s)", err)
+        return None
+    return CachedSegmentationDataset(pairs, size, augment=augment, seed=seed + 1, cancel=cancel)
+
+
+def _check_options(
+    steps: int | None,
+    epochs: int | None,
+    lr: float,
+    batch_size: int,
+    max_minutes: float | None,
+    replay: float,
+    changed_weight: float,
+    augment: str,
+) -> None:
+    if steps is not None and epochs is not None:
+        raise FinetuneError("give steps or epochs, not both")
+    if (steps is not None and steps < 1) or (epochs is not None and epochs < 1):
+        raise FinetuneError("steps and epochs must be at least 1")
+    if batch_size < 1:
+        raise FinetuneError("batch_size must be at least 1")
+    if not (math.isfinite(replay) and 0 <= replay < 1):
+        raise FinetuneError(f"replay must be a share in [0, 1), got {replay}")
+    if not (math.isfinite(changed_weight) and changed_weight >= 1):
+        raise FinetuneError(f"changed_weight must be at least 1, got {changed_weight}")
+    if augment not in AUGMENTS:
+        raise FinetuneError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
     if not (math.isfinite(lr) and lr > 0):
         raise FinetuneError(f"lr must be a positive finite number, got {lr}")
     if max_minutes is not None and not (math.isfinite(max_minutes) and max_minutes > 0):
@@ -299,15 +347,19 @@ def finetune(
     weights: str | Path,
     out_dir: str | Path | None = None,
     *,
-    epochs: int = 30,
-    lr: float = 1e-4,
+    steps: int | None = None,
+    epochs: int | None = None,
+    lr: float = DEFAULT_LR,
     progress: Progress | None = None,
     events: Events | None = None,
     cancel: CancelToken | None = None,
     max_minutes: float | None = None,
     seed: int = 0,
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     heldout_fraction: float = 0.2,
+    replay: float = DEFAULT_REPLAY,
+    changed_weight: float = DEFAULT_CHANGED_WEIGHT,
+    augment: str = DEFAULT_AUGMENT,
     device: str = "auto",
     precision: str = "auto",
 ) -> Path:
@@ -319,10 +371,15 @@ def finetune(
         weights: Registry name, fused ``.safetensors`` file, or training checkpoint ``.pt``.
         out_dir: Where to write (created when the result is written); default
             ``<data_dir>/finetuned``. Checked for writing before anything is trained.
-        epochs: Passes over the fine-tuning images.
+        steps: Optimiser steps (the default schedule: ``DEFAULT_STEPS`` of
+            :mod:`training.adapt` when neither this nor ``epochs`` is given); the
+            held-out Dice is measured before and after.
+        epochs: Passes over the fine-tuning images instead of ``steps``; the held-out
+            Dice is measured after every epoch.
         lr: Adam learning rate, decayed along a cosine to 1 % of it.
-        progress: Called after each epoch as ``progress(epoch, epochs, metrics)`` with
-            ``loss``, ``train_dice`` and ``heldout_dice``.
+        progress: Called as ``progress(epoch, epochs, metrics)`` with ``loss``,
+            ``train_dice`` and ``heldout_dice``: after each epoch with ``epochs``, once at
+            the end with ``steps``.
         events: Called as ``events(name, **fields)`` with the ``start``, ``step`` (after
             every optimiser step) and ``eval`` events of :mod:`training.events`; the
             ending (done, error, cancelled) is the caller's to report.
@@ -332,8 +389,15 @@ def finetune(
         max_minutes: Stop training after this many minutes, at a step boundary, and
             write what was reached (recorded in the metadata).
         seed: Seed of the held-out split, the augmentation and the sampling.
-        batch_size: Images per step (fewer when the folder is smaller).
+        batch_size: The user's images per step (fewer when the folder is smaller);
+            replay images come on top.
         heldout_fraction: Share of images held out (at least one) without splits.json.
+        replay: Share of every batch taken from the shipped replay set (Kvasir-SEG train
+            images, :func:`training.reference.replay_pairs`), against forgetting; 0 = off.
+        changed_weight: Weight, in the cross-entropy, of the pixels where the start
+            model's proposal differs from the mask (1 = all pixels alike).
+        augment: ``camera`` (colour, gamma and blur as another camera differs) or
+            ``mild`` (see :data:`training.adapt.AUGMENTS`).
         device: ``auto``, ``cpu``, ``cuda``, ``mps``.
         precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` autocast (see training.train).
 
@@ -352,6 +416,7 @@ def finetune(
             data_dir,
             weights,
             out_dir,
+            steps=steps,
             epochs=epochs,
             lr=lr,
             progress=progress,
@@ -361,6 +426,9 @@ def finetune(
             seed=seed,
             batch_size=batch_size,
             heldout_fraction=heldout_fraction,
+            replay=replay,
+            changed_weight=changed_weight,
+            augment=augment,
             device=device,
             precision=precision,
         )
@@ -375,7 +443,8 @@ def _finetune(
     weights: str | Path,
     out_dir: str | Path | None,
     *,
-    epochs: int,
+    steps: int | None,
+    epochs: int | None,
     lr: float,
     progress: Progress | None,
     events: Events | None,
@@ -384,10 +453,16 @@ def _finetune(
     seed: int,
     batch_size: int,
     heldout_fraction: float,
+    replay: float,
+    changed_weight: float,
+    augment: str,
     device: str,
     precision: str,
 ) -> Path:
-    _check_options(epochs, lr, batch_size, max_minutes)
+    _check_options(steps, epochs, lr, batch_size, max_minutes, replay, changed_weight, augment)
+    per_epoch_eval = epochs is not None
+    if not per_epoch_eval and steps is None:
+        steps = DEFAULT_STEPS
     emit = events or (lambda name, **fields: None)
 
     def cancelled(where: str) -> None:
@@ -402,9 +477,9 @@ def _finetune(
         check_writable_folder(out_dir)
     except OutputError as err:
         raise FinetuneError(f"{err}; choose another output folder (--out)") from None
-    loader_batch = min(batch_size, len(train_pairs))
-    steps_per_epoch = math.ceil(len(train_pairs) / loader_batch)
-    total_steps = epochs * steps_per_epoch
+    per_batch = min(batch_size, len(train_pairs))
+    steps_per_epoch = math.ceil(len(train_pairs) / per_batch)
+    total_steps, epochs = schedule(len(train_pairs), per_batch, steps=steps, epochs=epochs)
     emit(
         "start",
         pairs=len(pairs),
@@ -417,22 +492,35 @@ def _finetune(
     model, size, base = _load_start(weights)
     dev = select_device(device)
     dtype = autocast_dtype(precision, dev)
-    train_ds = CachedSegmentationDataset(
-        train_pairs, size, augment=Augment(min_scale=0.6, color=0.1), seed=seed, cancel=cancel
-    )
+    aug = AUGMENTS[augment]
+    train_ds = CachedSegmentationDataset(train_pairs, size, augment=aug, seed=seed, cancel=cancel)
+    replay_ds = _replay_dataset(size, aug, seed, cancel) if replay > 0 else None
+    n_replay = replay_count(per_batch, replay) if replay_ds is not None else 0
 
     model = model.to(dev)
+    changed = None
+    if changed_weight > 1:
+        # The start model's proposal against the correction: what the user changed.
+        changed = changed_pixels(
+            model, train_ds.images, train_ds.masks, size, device=dev, cancel=cancel
+        )
     before = _heldout_dice(model, hold, size, dev, cancel)
     emit("eval", epoch=0, heldout_dice=before)
     logger.info(
-        "fine-tuning on %d images, %d held out (Dice before: %s)",
+        "fine-tuning on %d images (+%d replay images per step), %d held out (Dice before: %s)",
         len(train_ds),
+        n_replay,
         len(hold),
         "n/a" if before is None else f"{before:.4f}",
     )
-    gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(train_ds, batch_size=loader_batch, shuffle=True, generator=gen)
-    criterion = BCEDiceLoss(0.5)
+    batches = MixedBatches(
+        PairDataset(train_ds, changed),
+        PairDataset(replay_ds, None) if n_replay else None,
+        user_per_batch=per_batch,
+        replay_per_batch=n_replay,
+        seed=seed,
+    )
+    criterion = WeightedBCEDiceLoss(changed_weight)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=total_steps, eta_min=lr * 0.01
@@ -444,58 +532,22 @@ def _finetune(
     deadline = None if max_minutes is None else t0 + 60.0 * max_minutes
     stopped_early = False
     epochs_done = 0
-    for epoch in range(epochs):
-        train_ds.set_epoch(epoch)
+    loss_sum = dice_sum = 0.0
+    seen = 0
+
+    def to_train_mode() -> None:
         model.train()
         # A few images cannot estimate BatchNorm statistics: keep the trained ones.
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.eval()
-        loss_sum = dice_sum = 0.0
-        seen = 0
-        for x, y in loader:
-            cancelled(f"in epoch {epoch + 1}")
-            if step and deadline is not None and time.monotonic() >= deadline:
-                stopped_early = True  # at least one step, so that there is a result
-                break
-            x, y = normalize(x.to(dev)), y.to(dev)
-            try:
-                loss, dice = optimisation_step(
-                    model,
-                    x,
-                    y,
-                    criterion=criterion,
-                    optimizer=optimizer,
-                    scaler=scaler,
-                    dtype=dtype,
-                )
-            except TrainingDiverged as err:
-                raise FinetuneError(f"{err}: lower --lr") from None
-            scheduler.step()
-            step += 1
-            loss_sum += loss * len(x)
-            dice_sum += float(dice.sum())
-            seen += len(x)
-            elapsed = time.monotonic() - t0
-            eta = elapsed / step * (total_steps - step)
-            if deadline is not None:
-                eta = min(eta, max(0.0, deadline - time.monotonic()))
-            emit(
-                "step",
-                step=step,
-                total_steps=total_steps,
-                epoch=epoch + 1,
-                epochs=epochs,
-                loss=loss,
-                elapsed_s=round(elapsed, 3),
-                eta_s=round(eta, 3),
-            )
-        if seen == 0:  # the time limit came at the end of the previous epoch
-            break
-        cancelled(f"after epoch {epoch + 1}")
+
+    def close_epoch(epoch: int) -> None:
+        nonlocal after, epochs_done, loss_sum, dice_sum, seen
+        cancelled(f"after epoch {epoch}")
         after = _heldout_dice(model, hold, size, dev, cancel)
-        epochs_done = epoch + 1
-        emit("eval", epoch=epoch + 1, heldout_dice=after)
+        epochs_done = epoch
+        emit("eval", epoch=epoch, heldout_dice=after)
         metrics = {
             "loss": loss_sum / seen,
             "train_dice": dice_sum / seen,
@@ -503,14 +555,62 @@ def _finetune(
         }
         logger.info(
             "epoch %d/%d loss %.4f train Dice %.4f held-out Dice %.4f",
-            epoch + 1,
+            epoch,
             epochs,
             *metrics.values(),
         )
         if progress is not None:
-            progress(epoch + 1, epochs, metrics)
-        if stopped_early:
+            progress(epoch, epochs, metrics)
+        loss_sum = dice_sum = 0.0
+        seen = 0
+        to_train_mode()
+
+    to_train_mode()
+    epoch = 1
+    for index in range(total_steps):
+        epoch = index // steps_per_epoch + 1
+        cancelled(f"in epoch {epoch}")
+        if step and deadline is not None and time.monotonic() >= deadline:
+            stopped_early = True  # at least one step, so that there is a result
             break
+        x, y, pixels_changed = batches.batch()
+        criterion.set_changed(pixels_changed.to(dev))
+        x, y = normalize(x.to(dev)), y.to(dev)
+        try:
+            loss, dice = optimisation_step(
+                model,
+                x,
+                y,
+                criterion=criterion,
+                optimizer=optimizer,
+                scaler=scaler,
+                dtype=dtype,
+            )
+        except TrainingDiverged as err:
+            raise FinetuneError(f"{err}: lower --lr") from None
+        scheduler.step()
+        step += 1
+        loss_sum += loss * len(x)
+        dice_sum += float(dice.sum())
+        seen += len(x)
+        elapsed = time.monotonic() - t0
+        eta = elapsed / step * (total_steps - step)
+        if deadline is not None:
+            eta = min(eta, max(0.0, deadline - time.monotonic()))
+        emit(
+            "step",
+            step=step,
+            total_steps=total_steps,
+            epoch=epoch,
+            epochs=epochs,
+            loss=loss,
+            elapsed_s=round(elapsed, 3),
+            eta_s=round(eta, 3),
+        )
+        if per_epoch_eval and step % steps_per_epoch == 0:
+            close_epoch(epoch)
+    if seen:  # the last epoch (steps) or the one the time limit cut short
+        close_epoch(epoch)
     if stopped_early:
         logger.warning(
             "stopped after %d of %d steps: the time limit of %g minutes was reached",
@@ -529,10 +629,14 @@ def _finetune(
         },
         "base_weights": base,
         "finetune": {
+            "schedule": "epochs" if per_epoch_eval else "steps",
             "epochs": epochs,
             "lr": lr,
             "seed": seed,
-            "batch_size": loader.batch_size,
+            "batch_size": per_batch,
+            "replay": {"share": replay, "per_batch": n_replay},
+            "changed_weight": changed_weight,
+            "augment": augment,
             "steps": step,
             "total_steps": total_steps,
             **({"stopped_at_time_limit_minutes": max_minutes} if stopped_early else {}),
@@ -629,11 +733,52 @@ def _parser() -> argparse.ArgumentParser:
         help="registry name, fused .safetensors, or training checkpoint .pt (preferred)",
     )
     p.add_argument("--out", metavar="DIR", help="output folder (default DATA/finetuned)")
-    p.add_argument("--epochs", type=integer(1), default=30, help="epochs (default 30)")
-    p.add_argument(
-        "--lr", type=number(positive=True), default=1e-4, help="Adam learning rate (default 1e-4)"
+    length = p.add_mutually_exclusive_group()
+    length.add_argument(
+        "--steps",
+        type=integer(1),
+        help=f"optimiser steps (default {DEFAULT_STEPS}); held-out Dice before and after",
     )
-    p.add_argument("--batch-size", type=integer(1), default=8, help="images per step (default 8)")
+    length.add_argument(
+        "--epochs",
+        type=integer(1),
+        help="passes over the images instead of --steps; held-out Dice after every epoch",
+    )
+    p.add_argument(
+        "--lr",
+        type=number(positive=True),
+        default=DEFAULT_LR,
+        help=f"Adam learning rate (default {DEFAULT_LR:g})",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=integer(1),
+        default=DEFAULT_BATCH_SIZE,
+        help=f"your images per step (default {DEFAULT_BATCH_SIZE}); replay images come on top",
+    )
+    p.add_argument(
+        "--replay",
+        type=parse_share,
+        default=DEFAULT_REPLAY,
+        metavar="SHARE",
+        help="share of every batch taken from the shipped Kvasir-SEG replay images, "
+        f"against forgetting (default {DEFAULT_REPLAY:g}; 0 = off)",
+    )
+    p.add_argument(
+        "--changed-weight",
+        type=parse_weight,
+        default=DEFAULT_CHANGED_WEIGHT,
+        metavar="W",
+        help="weight of the pixels where the start model's proposal differs from your "
+        f"mask (default {DEFAULT_CHANGED_WEIGHT:g}; 1 = all pixels alike)",
+    )
+    p.add_argument(
+        "--augment",
+        choices=tuple(AUGMENTS),
+        default=DEFAULT_AUGMENT,
+        help=f"augmentation (default {DEFAULT_AUGMENT}: colour, gamma and blur as another "
+        "camera differs; mild: the earlier, milder one)",
+    )
     p.add_argument("--seed", type=integer(0), default=0, help="random seed (default 0)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, mps")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
@@ -722,6 +867,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.data,
             args.weights,
             args.out,
+            steps=args.steps,
             epochs=args.epochs,
             lr=args.lr,
             progress=report,
@@ -730,6 +876,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_minutes=args.max_minutes,
             seed=args.seed,
             batch_size=args.batch_size,
+            replay=args.replay,
+            changed_weight=args.changed_weight,
+            augment=args.augment,
             device=args.device,
             precision=args.precision,
         )
@@ -767,4 +916,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == EXIT_CANCELLED:
+        # Interpreter teardown (freeing torch's memory and thread pools) can take
+        # seconds on a busy machine; a cancelled run has nothing left to save, and the
+        # promise is to be gone within a second.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
