@@ -92,7 +92,7 @@ def test_sample_data_from_test_split() -> None:
     readme = (ROOT / "sample_data" / "README.md").read_text()
     ids = {tok.strip("`,") for tok in readme.split() if tok.strip("`,").startswith("cju")}
     ids = {i.removeprefix("kvasir_").split(".")[0].removesuffix("_mask") for i in ids}
-    assert len(ids) == 6
+    assert len(ids) == 9  # the image, the five stack frames, the video's three frames
     assert ids <= test_ids
 
 
