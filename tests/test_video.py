@@ -441,3 +441,24 @@ def test_widget_segments_a_video_layer_frame_whole_and_live(make_napari_viewer, 
     whole = [lay for lay in viewer.layers if lay.name.startswith("kvasir_video labels")][-1]
     for i in (0, 55, 99):
         np.testing.assert_array_equal(whole.data[i], reference.segment(video[i]))
+
+
+@pytest.mark.gui
+@pytest.mark.slow
+def test_live_preview_follows_scrubbing_through_a_video(make_napari_viewer, qtbot) -> None:
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(str(SAMPLE_VIDEO), plugin="napari-lvunet")
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-lvunet", "LV-UNet segmentation")
+    video = layer.data
+    viewer.dims.set_point(0, 30)
+    widget.live.value = True
+    qtbot.waitUntil(lambda: "kvasir_video labels" in viewer.layers, timeout=120_000)
+    labels = viewer.layers["kvasir_video labels"]
+    qtbot.waitUntil(lambda: labels.data[30].any(), timeout=60_000)
+    viewer.dims.set_point(0, 70)
+    qtbot.waitUntil(lambda: labels.data[70].any(), timeout=60_000)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)
+    widget.live.value = False
+    done = [i for i in range(100) if labels.data[i].any()]
+    assert 30 in done and 70 in done and len(done) <= 4, done
+    assert video.decoded_frames <= 10, "only the frames shown were decoded"
