@@ -25,9 +25,13 @@ BatchNorm left to re-estimate.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,7 +40,7 @@ from torch.utils.data import Dataset
 from napari_lvunet.cancel import CancelToken, check_cancelled
 from napari_lvunet.preprocess import normalize, resize
 
-from .data import Augment, CachedSegmentationDataset
+from .data import Augment, CachedSegmentationDataset, Pair, read_array
 
 #: The defaults of :func:`training.finetune.finetune` and its command line, chosen with
 #: ``benchmarks/bench_adaptation.py`` (see benchmarks/README.md for the measurements).
@@ -60,6 +64,8 @@ __all__ = [
     "PairDataset",
     "WeightedBCEDiceLoss",
     "changed_pixels",
+    "content_digest",
+    "group_by_content",
     "parse_share",
     "parse_weight",
     "replay_count",
@@ -390,3 +396,27 @@ def parse_weight(text: str) -> float:
     if not (math.isfinite(value) and value >= 1.0):
         raise argparse.ArgumentTypeError(f"must be a number >= 1, got {text}")
     return value
+
+
+def content_digest(path: str | Path) -> str:
+    """SHA-256 of an image's decoded pixels (shape, dtype and values).
+
+    The same picture saved twice, under two names or in two lossless formats, has one
+    digest; so held-out splits can keep copies together.
+
+    Raises:
+        DatasetError: If the file cannot be decoded.
+    """
+    array = np.ascontiguousarray(read_array(Path(path)))
+    h = hashlib.sha256(f"{array.shape}|{array.dtype.str}|".encode())
+    h.update(array.tobytes())
+    return h.hexdigest()
+
+
+def group_by_content(pairs: Sequence[Pair]) -> list[list[Pair]]:
+    """The pairs grouped by their image's :func:`content_digest`, in order of first
+    appearance; each group keeps the order of ``pairs``."""
+    groups: dict[str, list[Pair]] = {}
+    for pair in pairs:
+        groups.setdefault(content_digest(pair.image), []).append(pair)
+    return list(groups.values())

@@ -192,11 +192,15 @@ def split_heldout(
     """Split pairs into fine-tuning and held-out parts.
 
     ``splits.json`` (train / val) when the folder has one, else a seeded random
-    ``fraction`` (at least one image) is held out.
+    ``fraction`` (at least one image) is held out. Copies of one image (the same decoded
+    pixels under several names) never straddle the split: without splits.json they are
+    drawn together, with it a held-out copy of a training image is left out of the
+    held-out part (with a warning), since it would only measure memory.
 
     Raises:
-        DatasetError: With fewer than two pairs, or an empty part.
+        DatasetError: With fewer than two pairs or two different images, or an empty part.
     """
+    from .adapt import content_digest, group_by_content
     from .data import resolve_splits
 
     if len(pairs) < 2:
@@ -207,12 +211,37 @@ def split_heldout(
     if (Path(data_dir) / "splits.json").is_file():
         splits = resolve_splits(data_dir, [p.stem for p in pairs], seed=seed)
         by_stem = {p.stem: p for p in pairs}
-        return [by_stem[s] for s in splits["train"]], [by_stem[s] for s in splits["val"]]
-    order = list(pairs)
-    random.Random(seed).shuffle(order)
-    n_hold = min(len(order) - 1, max(1, round(fraction * len(order))))
-    hold = sorted(order[:n_hold], key=lambda p: p.stem)
-    return sorted(order[n_hold:], key=lambda p: p.stem), hold
+        train = [by_stem[s] for s in splits["train"]]
+        trained = {content_digest(p.image) for p in train}
+        hold, twins = [], []
+        for pair in (by_stem[s] for s in splits["val"]):
+            (twins if content_digest(pair.image) in trained else hold).append(pair)
+        if twins:
+            logger.warning(
+                "not held out, their images are also in the train split: %s",
+                ", ".join(p.stem for p in twins),
+            )
+        if not hold:
+            raise DatasetError(
+                f"every val image of {data_dir / 'splits.json'} is a copy of a train image"
+            )
+        return train, hold
+    groups = group_by_content(pairs)
+    if len(groups) < 2:
+        raise DatasetError(
+            f"fine-tuning needs at least 2 different images in {data_dir} (one is held out "
+            f"to measure Dice before and after); its {len(pairs)} pairs are one image"
+        )
+    random.Random(seed).shuffle(groups)
+    n_hold = min(len(pairs) - 1, max(1, round(fraction * len(pairs))))
+    hold: list[Pair] = []
+    for group in groups[:-1]:  # the last group always trains
+        if len(hold) >= n_hold:
+            break
+        hold.extend(group)
+    held = {p.stem for p in hold}
+    train = [p for p in pairs if p.stem not in held]
+    return sorted(train, key=lambda p: p.stem), sorted(hold, key=lambda p: p.stem)
 
 
 def _start_from_checkpoint(
