@@ -43,7 +43,7 @@ from napari_lvunet.preprocess import normalize, resize
 from .data import Augment, CachedSegmentationDataset, Pair, read_array
 
 #: The defaults of :func:`training.finetune.finetune` and its command line, chosen with
-#: ``benchmarks/bench_adaptation.py`` (see benchmarks/README.md for the measurements).
+#: ``benchmarks/bench_adaptation.py`` (a simulated new centre made from Kvasir-SEG).
 DEFAULT_STEPS = 100
 DEFAULT_LR = 5e-4
 DEFAULT_BATCH_SIZE = 4  # the user's pairs per step; replay pairs come on top

@@ -3,14 +3,23 @@
 Launch::
 
     python -m training.finetune --data my_corrections --weights lvunet-kvasir-seg
-    python -m training.finetune --data DIR --weights runs/kvasir/best.pt --epochs 30 --lr 1e-4
+    python -m training.finetune --data DIR --weights runs/kvasir/best.pt --steps 200 --lr 1e-4
     # what the napari widget runs: machine-readable progress, at most 20 minutes
     python -m training.finetune --data DIR --weights W --progress json --max-minutes 20
 
 Every image of the folder is used (retraining on all corrections, not only the newest,
 keeps the model from forgetting the earlier ones), except a small seeded held-out part
-on which the Dice is reported before and after. With a ``splits.json`` in the folder its
-``train`` split is trained on and its ``val`` split held out; ``test`` is never touched.
+on which the Dice is reported before and after; copies of one image are held out or
+trained on together. With a ``splits.json`` in the folder its ``train`` split is trained
+on and its ``val`` split held out; ``test`` is never touched.
+
+The schedule is a fixed number of optimiser steps (``--steps``, default 100 at 4 of the
+user's images a step; ``--epochs`` instead counts passes over the images). Against
+forgetting, every batch also holds a share of the shipped Kvasir-SEG replay images
+(``--replay``), and the pixels where the start model's proposal differs from the
+corrected mask weigh more (``--changed-weight``); the ``camera`` augmentation varies
+colour balance, gamma and sharpness as another centre's camera does. The levers live in
+:mod:`training.adapt`; ``benchmarks/bench_adaptation.py`` measures them.
 
 The start is a training checkpoint (``.pt``, unfused, read with ``weights_only=True``)
 when given, else fused weights (a registry name or a ``.safetensors`` file), which are
