@@ -232,7 +232,12 @@ def test_module_entry_point_reports_errors_on_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.gui
-def test_view_opens_napari_with_sample_and_widget(weights_file: Path, qtbot) -> None:
+def test_view_opens_napari_with_sample_and_widget(
+    weights_file: Path, qtbot, mock_app_model
+) -> None:
+    # mock_app_model: napari's own fixture gives this test a fresh app model; a viewer
+    # made by make_napari_viewer earlier in the session leaves the real one holding the
+    # plugin's commands, and a second plugin initialisation there would clash.
     viewer = cli.open_viewer(weights=str(weights_file), show=False)
     try:
         assert [layer.name for layer in viewer.layers][:1] == ["polyp"]

@@ -98,24 +98,40 @@ def _rows_per_block(width: int) -> int:
 def resize_frame(frame: Frame, size: tuple[int, int]) -> np.ndarray:
     """The frame as ``(h, w, 3)`` RGB in [0, 1] at ``size``, read in row blocks.
 
-    Each block is converted and resized along its rows first, then added into the output:
-    memory is the output plus one block, whatever the frame's size.
+    The stored pixels are resized first and scaled to [0, 1] after: the scaling
+    (``/ 255``, or min-max) is affine and every resize weight row sums to 1, so the order
+    does not change the result, and no float copy of a large frame is ever made. Each
+    row block is resized along its rows, then added into the output: memory is the
+    output plus one block, whatever the frame's size.
     """
     height, width = frame.height, frame.width
     if (height, width) == tuple(size):
         return frame.unit()
+    assert frame.raw is not None
+    pixels = frame.raw[..., None] if frame.raw.ndim == 2 else frame.raw[..., :3]
+    channels = pixels.shape[-1]
+    small = pixels.dtype.itemsize <= 2 or pixels.dtype == np.float32
+    dtype = np.float32 if small else np.float64  # int32/64, float64: keep their range
     my = resize_matrix(height, size[0]).tocsc()
     mx = resize_matrix(width, size[1])
-    out = np.zeros((size[0], size[1] * 3), np.float32)
+    out = np.zeros((size[0], size[1] * channels), dtype)
     step = _rows_per_block(width)
     for r0 in range(0, height, step):
         r1 = min(height, r0 + step)
-        block = frame.unit((slice(r0, r1), slice(None)))  # (b, W, 3)
-        narrow = np.empty((r1 - r0, size[1], 3), np.float32)
-        for c in range(3):
+        block = pixels[r0:r1]
+        narrow = np.empty((r1 - r0, size[1], channels), dtype)
+        for c in range(channels):
             narrow[:, :, c] = (mx @ block[:, :, c].T).T
-        out += my[:, r0:r1] @ narrow.reshape(r1 - r0, size[1] * 3)
-    out = out.reshape(size[0], size[1], 3)
+        out += my[:, r0:r1] @ narrow.reshape(r1 - r0, size[1] * channels)
+    out = out.reshape(size[0], size[1], channels)
+    if pixels.dtype == np.uint8:
+        out /= 255.0
+    else:
+        lo, hi = frame.value_range if frame.value_range is not None else (0.0, 0.0)
+        out = (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
+    out = out.astype(np.float32, copy=False)
+    if channels == 1:
+        out = np.repeat(out, 3, axis=-1)
     return np.clip(out, 0.0, 1.0, out=out)
 
 
@@ -301,11 +317,25 @@ def finish(
     ``labels`` ``(H, W)`` and ``probs`` ``(C, H, W)`` (views into the caller's outputs).
     """
     height, width = frame.height, frame.width
-    if values.shape[1:] == (height, width):
-        p = activate(values, num_classes) if are_logits else values
-        labels[...] = to_labels(p, threshold)
+
+    def write(rows: slice, block: np.ndarray) -> None:
+        if probs is None and are_logits:
+            # Labels straight from logits: sigmoid(z) > t exactly when z > logit(t), and
+            # softmax keeps the argmax; the activation at full size is only for probs.
+            if num_classes == 1:
+                with np.errstate(divide="ignore"):
+                    cut = np.log(threshold) - np.log1p(-threshold)
+                labels[rows] = block[0] > cut
+            else:
+                labels[rows] = block.argmax(axis=0)
+            return
+        p = activate(block, num_classes) if are_logits else block
+        labels[rows] = to_labels(p, threshold)
         if probs is not None:
-            probs[...] = p
+            probs[:, rows] = p
+
+    if values.shape[1:] == (height, width):
+        write(slice(None), values)
         return
     my = resize_matrix(values.shape[1], height, False)
     mx = resize_matrix(values.shape[2], width, False)
@@ -314,8 +344,4 @@ def finish(
         r1 = min(height, r0 + step)
         # Rows first (a few source rows per output row), then columns: one block at a time.
         block = np.stack([(mx @ (my[r0:r1] @ plane).T).T for plane in values])
-        block = block.astype(np.float32, copy=False)
-        p = activate(block, num_classes) if are_logits else block
-        labels[r0:r1] = to_labels(p, threshold)
-        if probs is not None:
-            probs[:, r0:r1] = p
+        write(slice(r0, r1), block.astype(np.float32, copy=False))
