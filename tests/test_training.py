@@ -300,6 +300,13 @@ class _NanLoss(torch.nn.Module):
         return logits.mean() * float("nan")
 
 
+class _NanWeightedLoss(_NanLoss):
+    """Fine-tuning's loss also takes the map of the pixels the user changed."""
+
+    def set_changed(self, changed: torch.Tensor | None) -> None:
+        pass
+
+
 def test_diverged_training_gives_one_clear_line(
     dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
@@ -686,7 +693,7 @@ def test_finetune_cancel_stops_and_writes_nothing(
 def test_diverged_finetune_says_so_and_writes_nothing(
     run: Path, dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(finetune_mod, "BCEDiceLoss", _NanLoss)
+    monkeypatch.setattr(finetune_mod, "WeightedBCEDiceLoss", _NanWeightedLoss)
     with pytest.raises(FinetuneError, match="the loss became nan: lower --lr"):
         finetune(dataset, run / "best.pt", tmp_path / "out", epochs=1)
     assert not (tmp_path / "out").exists()
