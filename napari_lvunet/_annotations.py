@@ -7,6 +7,7 @@ dock widget (``_widget.py``) only gathers the user's choices and calls these fun
 from __future__ import annotations
 
 import glob
+import hashlib
 import itertools
 import logging
 import re
@@ -22,13 +23,16 @@ from .io import atomic_write
 from .preprocess import to_unit_rgb
 
 __all__ = [
+    "RESULT_COLOURS",
     "SliceIndex",
     "edited_slices",
     "finetune_command",
     "iter_slices",
     "layer_axes",
+    "next_colour",
     "safe_stem",
     "save_for_training",
+    "slice_digest",
     "slice_stem",
 ]
 
@@ -39,6 +43,29 @@ logger = logging.getLogger(__name__)
 SliceIndex = tuple[int, ...]
 
 _LEADING_AXES = "TZ"
+
+#: Colours of successive results, chosen to stand out on red and pink mucosa (no reds,
+#: no pinks) and from each other: the first result is cyan, the next yellow, and so on.
+RESULT_COLOURS = ("#00ffff", "#ffff00", "#00ff00", "#4da6ff", "#ffffff", "#ff8c00")
+
+
+def next_colour(used: Iterable[str]) -> str:
+    """The first result colour no other open result uses (cycling when all are taken)."""
+    taken = [c.lower() for c in used]
+    for colour in RESULT_COLOURS:
+        if colour not in taken:
+            return colour
+    return RESULT_COLOURS[len(taken) % len(RESULT_COLOURS)]
+
+
+def slice_digest(labels2d: np.ndarray) -> bytes:
+    """A digest of one labels slice's values: tells a correction from the model's result.
+
+    Only foreground matters for training (``save_for_training`` writes ``labels > 0``),
+    so a relabelled instance is not a change, a painted or erased pixel is.
+    """
+    mask = np.packbits(np.asarray(labels2d) > 0)
+    return hashlib.blake2b(mask.tobytes(), digest_size=16).digest()
 
 
 def layer_axes(ndim: int, rgb: bool) -> str:

@@ -12,13 +12,14 @@ napari notification.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import logging
 import threading
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,23 +40,27 @@ from magicgui.widgets import (
 )
 from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
+from napari.utils.colormaps import DirectLabelColormap
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QObject, Signal
-from qtpy.QtWidgets import QFileDialog
+from qtpy.QtCore import QEvent, QObject, Qt, Signal
+from qtpy.QtWidgets import QComboBox, QFileDialog, QMessageBox, QSizePolicy
 
 from . import weights as weights_mod
 from ._annotations import (
     SliceIndex,
     edited_slices,
     finetune_command,
+    iter_slices,
     layer_axes,
+    next_colour,
     safe_stem,
     save_for_training,
+    slice_digest,
 )
 from ._finetune_job import FinetuneJob, FinetuneResult, FinetuneStep, finetune_argv
 from ._torch import TRAIN_INSTALL, torch_installed
 from .cancel import Cancelled
-from .inference import Segmenter, default_pool, resolve_device
+from .inference import Segmenter, default_pool, infer_axes, resolve_device
 
 if TYPE_CHECKING:
     import napari
@@ -125,6 +130,7 @@ class _Request:
     probabilities: bool
     overwrite: bool
     preview: bool = False
+    replace_confirmed: bool = False  # the user agreed to replace their corrections
 
 
 @dataclass
@@ -141,7 +147,82 @@ class _Track:
     """What the widget knows about one result Labels layer."""
 
     image: weakref.ReferenceType
-    edited: set[SliceIndex] = field(default_factory=set)
+    edited: set[SliceIndex] = field(default_factory=set)  # painted on (napari's history)
+    colour: str | None = None  # of a one-label result; None: napari's label colours
+    # Each slice's foreground as the model left it: what a correction differs from.
+    proposal: dict[SliceIndex, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class _Replaced:
+    """Labels that an overwrite replaced, kept until restored or replaced again."""
+
+    layer: weakref.ReferenceType
+    index: SliceIndex | None  # the slice replaced, or None for the whole layer
+    data: np.ndarray
+    edited: set[SliceIndex]
+    proposal: dict[SliceIndex, bytes]
+
+
+class _Elider(QObject):
+    """Re-elides a label's text whenever the label is resized."""
+
+    def __init__(self, label: _ElidedLabel) -> None:
+        super().__init__(label.native)
+        self._label = weakref.ref(label)
+
+    def eventFilter(self, obj: QObject, event: QEvent) -> bool:  # noqa: N802 - Qt's name
+        label = self._label()
+        if label is not None and event.type() == QEvent.Type.Resize:
+            label._show()
+        return False
+
+
+class _ElidedLabel(Label):
+    """A label that never widens the dock: long text ends in "...", the tooltip has it all.
+
+    ``value`` is the full text; the label shows as much of it as fits.
+    """
+
+    def __init__(self, *, tooltip: str = "", **kwargs: Any) -> None:
+        self._full = str(kwargs.get("value", ""))
+        self._tip = tooltip
+        super().__init__(**kwargs)
+        self.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.native.setMinimumWidth(60)
+        self._elider = _Elider(self)
+        self.native.installEventFilter(self._elider)
+        self._show()
+
+    @property
+    def value(self) -> str:
+        return self._full
+
+    @value.setter
+    def value(self, text: Any) -> None:
+        self._full = str(text)
+        if hasattr(self, "_elider"):
+            self._show()
+
+    def _show(self) -> None:
+        native = self.native
+        width = max(native.width(), native.minimumWidth())
+        shown = native.fontMetrics().elidedText(self._full, Qt.TextElideMode.ElideRight, width)
+        Label.value.fset(self, shown)  # type: ignore[attr-defined]
+        tip = self._full if shown != self._full else ""
+        native.setToolTip("\n".join(t for t in (tip, self._tip) if t))
+
+
+def _compact(combo: ComboBox) -> None:
+    """Keep a picker from widening the dock with a long layer or file name."""
+    native = combo.native
+    if isinstance(native, QComboBox):
+        native.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        native.setMinimumContentsLength(12)
+
+
+class _AxesError(ValueError):
+    """The image's axes are ambiguous; the user should pick them under "Axes"."""
 
 
 def _out_of_memory(err: BaseException) -> bool:
@@ -210,6 +291,7 @@ class LVUNetWidget(Container):
         self._progress = _Progress()
         self._progress.changed.connect(self._on_progress)
         self._progress.message.connect(self._on_message)
+        self._adding = False  # while the widget adds a layer of its own
         self._job: FinetuneJob | None = None  # the fine-tune child process, if running
         self._job_signals = _JobSignals()
         self._job_signals.step.connect(self._on_finetune_step)
@@ -221,7 +303,7 @@ class LVUNetWidget(Container):
         self.model = ComboBox(label="Model", choices=self._model_choices)
         self.load_file = PushButton(text="Load weights from file...")
         self.device = ComboBox(label="Device", choices=_DEVICES, value="auto")
-        self.device_in_use = Label(label="In use", value="-")
+        self.device_in_use = _ElidedLabel(label="In use", value="-")
         self.threshold = FloatSlider(label="Threshold", min=0.05, max=0.95, step=0.05, value=0.5)
         self.output = ComboBox(
             label="Output",
@@ -230,9 +312,14 @@ class LVUNetWidget(Container):
         )
         self.sizing = ComboBox(
             label="Sizing",
-            choices=[("resize to training size", "resize"), ("native tiles", "tiles")],
-            value="resize",
+            choices=[
+                ("auto (resize, tiles for large images)", "auto"),
+                ("resize to training size", "resize"),
+                ("tiles at the training scale", "tiles"),
+            ],
+            value="auto",
         )
+        self.axes = ComboBox(label="Axes", choices=self._axes_choices)
         self.scope = ComboBox(
             label="Segment",
             choices=[("current slice", "slice"), ("whole stack", "stack")],
@@ -241,14 +328,17 @@ class LVUNetWidget(Container):
         self.probabilities = CheckBox(text="Add probability map")
         self.overwrite = CheckBox(text="Overwrite previous result")
         self.live = CheckBox(text="Live preview on slice change")
+        self.outline = CheckBox(text="Show results as outlines")
         self.segment_button = PushButton(text="Segment")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="Progress", value=0, min=0, max=1)
-        self.status = Label(label="Status", value="ready")
+        self.status = _ElidedLabel(label="Status", value="ready")
 
         self.corrected = ComboBox(label="Corrected labels", choices=self._labels_choices)
         self.data_dir = FileEdit(label="Dataset folder", mode="d")
         self.save_button = PushButton(text="Save for training")
+        self.restore_button = PushButton(text="Restore replaced labels", enabled=False)
+        self._replaced: _Replaced | None = None
         self.command = LineEdit(label="Fine-tune command", value="")
         self.command.native.setReadOnly(True)
         self.epochs = SpinBox(label="Epochs", min=1, max=1000, value=30)
@@ -268,7 +358,9 @@ class LVUNetWidget(Container):
                 self.output,
                 self.sizing,
                 self.scope,
+                self.axes,
                 self.probabilities,
+                self.outline,
                 self.overwrite,
                 self.live,
                 self.segment_button,
@@ -278,6 +370,7 @@ class LVUNetWidget(Container):
                 self.corrected,
                 self.data_dir,
                 self.save_button,
+                self.restore_button,
                 self.command,
                 self.epochs,
                 self.finetune_button,
@@ -292,11 +385,18 @@ class LVUNetWidget(Container):
         self.cancel_button.changed.connect(self.cancel)
         self.load_file.changed.connect(self._ask_weights_file)
         self.save_button.changed.connect(self.save_for_training)
+        self.restore_button.changed.connect(self.restore_replaced)
+        self.outline.changed.connect(self._apply_outline)
+        self._add_shortcuts()
+        self._add_tooltips()
+        for picker in (self.image, self.model, self.corrected):
+            _compact(picker)
         self.finetune_button.changed.connect(self.finetune)
         self.live.changed.connect(self._on_live_toggled)
         self.image.changed.connect(self._on_image_changed)
         self.device.changed.connect(self._on_device_changed)
         self._on_device_changed(self.device.value)
+        self._show_stack_controls()
         self.model.changed.connect(self._update_command)
         self.data_dir.changed.connect(self._update_command)
         # The pickers follow the layer list whether or not napari docks this widget.
@@ -322,6 +422,7 @@ class LVUNetWidget(Container):
             (events.removed, self._on_layers_changed),
             (events.reordered, self._on_layers_changed),
             (events, self._on_layer_event),  # the list re-emits its layers' own events
+            (self.viewer.layers.selection.events.active, self._on_active_layer),
             (self.viewer.dims.events.current_step, self._on_step),
         ]
 
@@ -373,7 +474,125 @@ class LVUNetWidget(Container):
         if event.type == "name":  # a renamed layer: show its new name in the pickers
             self._on_layers_changed()
 
+    @_if_alive
+    def _on_active_layer(self, event: Any) -> None:
+        """Follow the layer the user selects in napari's layer list.
+
+        An image layer becomes the one to segment; a Labels layer becomes the one to save,
+        and a result's own image becomes the one to segment with it.
+        """
+        layer = event.value
+        if self._adding:
+            return  # napari activates every new layer; the widget's own are not a choice
+        if isinstance(layer, Image) and layer in self.image.choices:
+            self.image.value = layer
+        elif isinstance(layer, Labels):
+            if layer in self.corrected.choices:
+                self.corrected.value = layer
+            track = self._tracks.get(_real(layer))
+            source = track.image() if track is not None else None
+            for choice in self.image.choices:
+                if source is not None and _real(choice) is source:
+                    self.image.value = choice
+
+    def _add_tooltips(self) -> None:
+        """A plain-words tooltip on every control (what it does, and its shortcut)."""
+        tips = {
+            self.image: "The image to segment. Follows the image you select in napari's "
+            "layer list.",
+            self.model: "The network that draws the outlines. 'bundled' ships with the plugin; "
+            "'(file)' are weights you loaded or fine-tuned.",
+            self.load_file: "Use weights saved by fine-tuning or training (.safetensors).",
+            self.device: "Where the network runs. 'auto' uses a GPU when there is one, "
+            "else the processor.",
+            self.threshold: "How sure the model must be before a pixel counts as the object. "
+            "Lower: larger regions; higher: only the clearest parts.",
+            self.output: "One label for everything found, or a separate number for each "
+            "separate region.",
+            self.sizing: "How a frame is fed to the model: shrunk to the size it learnt on, "
+            "or cut into pieces at that scale (keeps detail in large frames). 'auto' "
+            "chooses.",
+            self.axes: "How to read the image's dimensions, when its shape does not say.",
+            self.scope: "Segment only the slice or frame on screen, or all of them. Move "
+            "between slices with napari's arrow keys.",
+            self.probabilities: "Also add the model's confidence for every pixel as an image.",
+            self.outline: "Draw results as outlines instead of filled regions, to see the "
+            "tissue beneath.",
+            self.overwrite: "Put the new result into the last result layer instead of a new "
+            "one. Asks first if you corrected it; 'Restore replaced labels' undoes it.",
+            self.live: "Segment each slice as you move to it (slices you corrected are "
+            "never redrawn).",
+            self.segment_button: "Segment the chosen image (Ctrl+Shift+Return).",
+            self.cancel_button: "Stop the running segmentation or fine-tuning; nothing "
+            "half-done is kept.",
+            self.progress: "How far the running job is.",
+            self.corrected: "The labels you corrected, to save as training examples.",
+            self.data_dir: "The folder where corrections are saved (images/ and masks/) "
+            "and fine-tuning reads them.",
+            self.save_button: "Save the image and its corrected labels as training pairs "
+            "(Ctrl+Shift+S). Nothing saved before is overwritten.",
+            self.restore_button: "Put back the labels that the last 'Overwrite' replaced.",
+            self.command: "The command that fine-tunes outside napari; select and copy it.",
+            self.epochs: "How many times fine-tuning goes through your saved corrections.",
+            self.finetune_button: "Retrain the chosen model on the saved corrections, in the "
+            "background; the new weights are then chosen.",
+            self.details: "Long messages: commands and error details, to read and copy.",
+        }
+        for control, tip in tips.items():
+            control.tooltip = tip
+        self.status._tip = "What the widget is doing, or did last."
+        self.device_in_use._tip = "The device and engine the last segmentation ran on."
+        for label in (self.status, self.device_in_use):
+            label._show()
+
+    def _add_shortcuts(self) -> None:
+        """Keyboard shortcuts, active anywhere in napari's window (named in the tooltips)."""
+        from qtpy.QtGui import QKeySequence, QShortcut
+
+        self._shortcuts = []
+        for keys, action in (
+            ("Ctrl+Shift+Return", self.segment),
+            ("Ctrl+Shift+S", self.save_for_training),
+        ):
+            shortcut = QShortcut(QKeySequence(keys), self.native)
+            shortcut.setContext(Qt.ShortcutContext.WindowShortcut)
+            shortcut.activated.connect(action)
+            self._shortcuts.append(shortcut)
+
+    def _apply_outline(self, _value: Any = None) -> None:
+        """Filled regions or outlines, for every result layer of this widget."""
+        for layer in self.viewer.layers:
+            if isinstance(layer, Labels) and _real(layer) in self._tracks:
+                layer.contour = 2 if self.outline.value else 0
+
+    def _show_stack_controls(self) -> None:
+        """Slice controls only for stacks; the axes choice only where it can matter."""
+        image = self.image.value
+        stack = image is not None and image.ndim > 2
+        self.scope.visible = self.live.visible = stack
+        self.axes.visible = stack and not image.rgb
+
+    @contextlib.contextmanager
+    def _adding_layer(self) -> Iterator[None]:
+        self._adding = True
+        try:
+            yield
+        finally:
+            self._adding = False
+
+    def _axes_choices(self, _widget: ComboBox) -> list[tuple[str, str]]:
+        choices = [("auto (from the image's shape)", "auto")]
+        image = self.image.value if hasattr(self, "image") else None
+        if image is not None and not image.rgb and 3 <= image.ndim <= 4:
+            stack = layer_axes(image.ndim, False)
+            shape = tuple(image.data.shape)
+            choices.append((f"{stack}: a stack of {shape[-2]} x {shape[-1]} images", stack))
+        return choices
+
     def _on_image_changed(self, _value: Any = None) -> None:
+        self.axes.reset_choices()
+        self.axes.value = "auto"  # a reading chosen for one image never carries over
+        self._show_stack_controls()
         if self.live.value:
             self._request_preview()
 
@@ -430,9 +649,7 @@ class LVUNetWidget(Container):
                 f"{image.name!r} is a multiscale (pyramid) image: open its full-resolution "
                 "level as a plain image layer to segment it"
             )
-        axes = layer_axes(image.ndim, bool(image.rgb))
-        if image.rgb and image.data.shape[-1] not in (3, 4):
-            raise ValueError(f"unsupported colour image with {image.data.shape[-1]} channels")
+        axes = self._image_axes(image)
         n_leading = image.ndim - 2
         if preview_index is not None:
             index: SliceIndex | None = preview_index
@@ -456,6 +673,36 @@ class LVUNetWidget(Container):
             overwrite=bool(self.overwrite.value),
             preview=preview_index is not None,
         )
+
+    def _image_axes(self, image: Image) -> str:
+        """The axes to segment ``image`` with; raises _AxesError when its shape is ambiguous.
+
+        napari reads a non-RGB layer as a stack of its last two dimensions; an
+        ``(H, W, 2)`` layer would be segmented as H images of W x 2 pixels. The engine's
+        reading of the shape must agree, or the user confirms napari's under "Axes".
+        """
+        axes = layer_axes(image.ndim, bool(image.rgb))  # raises for 5D and more
+        shape = tuple(int(n) for n in image.data.shape)
+        if image.rgb:
+            if shape[-1] not in (3, 4):
+                raise ValueError(f"unsupported colour image with {shape[-1]} channels")
+            return axes
+        if self.axes.value == axes:
+            return axes  # the user chose napari's reading explicitly
+        try:
+            inferred = infer_axes(shape)
+        except ValueError as err:
+            raise _AxesError(
+                f"{image.name!r}: {err}. Choose how to read it under 'Axes' in the widget."
+            ) from err
+        if inferred != axes:
+            raise _AxesError(
+                f"{image.name!r} has shape {shape}: napari shows it as {axes} (a stack of "
+                f"{shape[-2]} x {shape[-1]} images), but its shape reads as {inferred}. "
+                f"Open it as an RGB layer, or choose '{axes}' under 'Axes' to segment it "
+                "as napari shows it."
+            )
+        return axes
 
     def _displayed_index(self, image: Image) -> SliceIndex:
         """The image's slice on display: its data indices along the leading axes."""
@@ -488,15 +735,39 @@ class LVUNetWidget(Container):
         return _Result(request, labels, probabilities, segmenter.device, segmenter.backend)
 
     def segment(self) -> None:
-        """Segment the chosen image layer in a worker (the Segment button)."""
-        if self._worker is not None:
+        """Segment the chosen image layer in a worker (the Segment button).
+
+        With "Overwrite previous result" ticked and corrections in that result, the user
+        is asked first; replaced labels are kept for "Restore replaced labels".
+        """
+        if self._worker is not None or self._job is not None:
             show_warning("LV-UNet is busy: wait for the running job, or press Cancel.")
             return
         try:
             request = self._gather()
+        except _AxesError as err:
+            self.axes.visible = True  # the choice the message points to
+            self.status.value = "choose the image's axes"
+            show_error(str(err))
+            return
         except ValueError as err:
             show_error(str(err))
             return
+        target = self._result_layer(request.image) if request.overwrite else None
+        if target is not None and self._holds_corrections(target, request.index):
+            where = "" if request.index is None else f" on slice {request.index}"
+            answer = self._ask(
+                "Replace your corrections?",
+                f"{target.name!r} holds corrections you made{where}. Replace them with a "
+                "new result, or put the new result in a new layer?\n\nReplaced labels are "
+                "kept: 'Restore replaced labels' brings them back.",
+                ("Replace", "New layer"),
+            )
+            if answer is None:
+                self.status.value = "nothing segmented: your corrections are untouched"
+                return
+            request.overwrite = answer == "Replace"
+            request.replace_confirmed = request.overwrite
         self._cancel = threading.Event()
         self._start(
             self._run,
@@ -598,17 +869,38 @@ class LVUNetWidget(Container):
             0 <= i < n for i, n in zip(request.index, shape[:n_leading], strict=False)
         )
 
-    def _new_labels(self, image: Image, dtype: np.dtype) -> Labels:
+    def _new_labels(self, image: Image, dtype: np.dtype, *, output: str = "semantic") -> Labels:
+        """A new, empty result layer for ``image``, named and coloured apart from the others.
+
+        One-label results get a high-contrast colour no other open result of this widget
+        uses, so a new result never looks like an earlier (corrected) one beneath it.
+        """
         shape = _yx_shape(image)
-        layer = self.viewer.add_labels(
-            np.zeros(shape, dtype=dtype),
-            name=f"{image.name} labels",
-            scale=image.scale,
-            translate=image.translate,
-            metadata={"lvunet_image": image.name},
-        )
+        earlier = [
+            (lay, self._tracks[_real(lay)])
+            for lay in self.viewer.layers
+            if isinstance(lay, Labels) and _real(lay) in self._tracks
+        ]
+        n_same = sum(1 for _lay, t in earlier if t.image() is _real(image))
+        name = f"{image.name} labels" + (f" {n_same + 1}" if n_same else "")
+        colour = None
+        kwargs: dict[str, Any] = {}
+        if output == "semantic":
+            colour = next_colour(t.colour for _lay, t in earlier if t.colour)
+            kwargs["colormap"] = DirectLabelColormap(color_dict={None: colour, 0: "transparent"})
+        with self._adding_layer():
+            layer = self.viewer.add_labels(
+                np.zeros(shape, dtype=dtype),
+                name=name,
+                scale=image.scale,
+                translate=image.translate,
+                metadata={"lvunet_image": image.name},
+                **kwargs,
+            )
+        if self.outline.value:
+            layer.contour = 2
         real = _real(layer)
-        self._tracks[real] = _Track(image=weakref.ref(_real(image)))
+        self._tracks[real] = _Track(image=weakref.ref(_real(image)), colour=colour)
         n_leading = image.ndim - 2
         # Remember which slices the user corrected, so live preview never repaints them.
         layer.events.paint.connect(functools.partial(self._on_paint, weakref.ref(real), n_leading))
@@ -642,24 +934,139 @@ class LVUNetWidget(Container):
             return
         target = self._result_layer(image) if request.overwrite else None
         labels = result.labels
-        if target is None or target.data.shape != _yx_shape(image):
-            target = self._new_labels(image, labels.dtype)
-        elif request.index is None:
-            self._tracks[_real(target)].edited.clear()  # the user chose to replace their edits
+        if target is not None and target.data.shape != _yx_shape(image):
+            target = None
+        if (
+            target is not None
+            and not request.replace_confirmed
+            and self._holds_corrections(target, request.index)
+        ):
+            # Painted while this result was computing, without being asked: keep it.
+            show_info(
+                f"LV-UNet: {target.name!r} was corrected while segmenting; the new result "
+                "went to a new layer."
+            )
+            target = None
+        if target is None:
+            target = self._new_labels(image, labels.dtype, output=request.output)
         else:
-            self._tracks[_real(target)].edited.discard(request.index)
+            self._keep_replaced(target, request.index)
+        track = self._tracks[_real(target)]
         if request.index is None:
+            track.edited.clear()
             target.data = labels
         else:
+            track.edited.discard(request.index)
             _fit_dtype(target, labels)
             target.data[request.index] = labels
             target.refresh()
+        self._note_proposal(target, request.index)
         if result.probabilities is not None:
             self._show_probabilities(image, request, result.probabilities)
         self.progress.value = self.progress.max
         self.status.value = f"done: {target.name}"
         self.corrected.reset_choices()
-        self.corrected.value = target
+        # The picker stays on a layer the user corrected: a fresh result must never
+        # become what "Save for training" stores without the user choosing it.
+        current = self.corrected.value
+        if current is None or not self._holds_corrections(current, None):
+            self.corrected.value = target
+
+    # ------------------------------------------------- corrections bookkeeping
+    def _holds_corrections(self, layer: Labels, index: SliceIndex | None) -> bool:
+        """Whether the user changed ``layer`` (slice ``index``, or anywhere for None).
+
+        For a result this widget made: painted on, or its foreground differs from the
+        model's proposal (edits napari's paint events do not report). A Labels layer the
+        user made or opened counts as corrections whenever it has foreground.
+        """
+        track = self._tracks.get(_real(layer))
+        data = layer.data
+        if track is None:
+            return bool(np.asarray(data if index is None else data[index]).any())
+        if index is None:
+            if track.edited:
+                return True
+            n_leading = data.ndim - 2
+            slices: Any = iter_slices(data.shape[:n_leading])
+        else:
+            if index in track.edited:
+                return True
+            slices = [index]
+        for i in slices:
+            proposal = track.proposal.get(i)
+            current = np.asarray(data[i])
+            if (proposal is None and current.any()) or (
+                proposal is not None and slice_digest(current) != proposal
+            ):
+                return True
+        return False
+
+    def _note_proposal(self, layer: Labels, index: SliceIndex | None) -> None:
+        """Remember what the model wrote into ``layer``, to tell corrections from it."""
+        track = self._tracks[_real(layer)]
+        data = layer.data
+        if index is None:
+            track.proposal = {
+                i: slice_digest(np.asarray(data[i])) for i in iter_slices(data.shape[:-2])
+            }
+        else:
+            track.proposal[index] = slice_digest(np.asarray(data[index]))
+
+    def _keep_replaced(self, layer: Labels, index: SliceIndex | None) -> None:
+        """Keep what an overwrite is about to replace, when it holds corrections."""
+        if not self._holds_corrections(layer, index):
+            return
+        track = self._tracks[_real(layer)]
+        data = np.array(layer.data if index is None else layer.data[index], copy=True)
+        self._replaced = _Replaced(
+            layer=weakref.ref(_real(layer)),
+            index=index,
+            data=data,
+            edited=set(track.edited),
+            proposal=dict(track.proposal),
+        )
+        self.restore_button.enabled = True
+        self.restore_button.tooltip = (
+            f"Put back the labels of {layer.name!r} that the last Segment replaced."
+        )
+
+    def restore_replaced(self) -> bool:
+        """Put back the labels the last overwrite replaced (the Restore button).
+
+        Returns:
+            Whether anything was restored.
+        """
+        kept, self._replaced = self._replaced, None
+        self.restore_button.enabled = False
+        layer = kept.layer() if kept is not None else None
+        if kept is None or layer is None or not any(_real(x) is layer for x in self.viewer.layers):
+            show_warning("LV-UNet: nothing to restore (the layer was closed).")
+            return False
+        if kept.index is None:
+            if layer.data.shape != kept.data.shape:
+                show_warning(f"LV-UNet: {layer.name!r} changed shape; nothing restored.")
+                return False
+            layer.data = kept.data
+        else:
+            layer.data[kept.index] = kept.data
+            layer.refresh()
+        track = self._tracks[layer]
+        track.edited, track.proposal = kept.edited, kept.proposal
+        self.status.value = f"restored the replaced labels of {layer.name}"
+        show_info(f"LV-UNet: restored the labels of {layer.name!r} that Segment replaced.")
+        return True
+
+    def _ask(self, title: str, text: str, buttons: tuple[str, ...]) -> str | None:
+        """Ask the user; returns the button text chosen, or None for Cancel."""
+        box = QMessageBox(self.native)
+        box.setIcon(QMessageBox.Icon.Question)
+        box.setWindowTitle(title)
+        box.setText(text)
+        chosen = {box.addButton(b, QMessageBox.ButtonRole.AcceptRole): b for b in buttons}
+        box.setDefaultButton(box.addButton(QMessageBox.StandardButton.Cancel))
+        box.exec()
+        return chosen.get(box.clickedButton())
 
     def _show_probabilities(self, image: Image, request: _Request, probs: np.ndarray) -> None:
         shape = _yx_shape(image)
@@ -671,16 +1078,17 @@ class LVUNetWidget(Container):
         if request.overwrite and existing is not None and existing.data.shape == shape:
             layer = existing
         else:
-            layer = self.viewer.add_image(
-                np.zeros(shape, dtype=np.float32),
-                name=f"{image.name} probability",
-                colormap="magma",
-                blending="additive",
-                opacity=0.5,
-                contrast_limits=(0.0, 1.0),
-                scale=image.scale,
-                translate=image.translate,
-            )
+            with self._adding_layer():
+                layer = self.viewer.add_image(
+                    np.zeros(shape, dtype=np.float32),
+                    name=f"{image.name} probability",
+                    colormap="magma",
+                    blending="additive",
+                    opacity=0.5,
+                    contrast_limits=(0.0, 1.0),
+                    scale=image.scale,
+                    translate=image.translate,
+                )
             self._probability_sources[_real(layer)] = weakref.ref(_real(image))
         if request.index is None:
             layer.data = probs.astype(np.float32, copy=False)
@@ -761,12 +1169,13 @@ class LVUNetWidget(Container):
             )
             target = None
         if target is None:
-            target = self._new_labels(image, result.labels.dtype)
+            target = self._new_labels(image, result.labels.dtype, output=request.output)
         if request.index in self._tracks[_real(target)].edited:
             return  # painted while the preview was computing
         _fit_dtype(target, result.labels)
         target.data[request.index] = result.labels
         target.refresh()
+        self._note_proposal(target, request.index)
         self.status.value = f"live preview: {target.name}, slice {request.index}"
 
     @_if_alive
@@ -828,6 +1237,20 @@ class LVUNetWidget(Container):
         slices = None
         if image.ndim > 2 and self.scope.value == "slice":
             slices = [self._displayed_index(image)]
+        if track is not None and not any(
+            self._holds_corrections(labels, index) for index in (slices or [None])
+        ):
+            answer = self._ask(
+                "Save the model's own result?",
+                f"{labels.name!r} is exactly the model's result: it was never corrected. "
+                "Saved as a training pair it teaches the model nothing and repeats its "
+                "mistakes.\n\nCorrect it with napari's brush first, or pick the layer "
+                "you corrected under 'Corrected labels'.",
+                ("Save anyway",),
+            )
+            if answer is None:
+                self.status.value = "nothing saved: the labels were never corrected"
+                return []
         try:
             pairs = save_for_training(
                 np.asarray(image.data),

@@ -189,6 +189,69 @@ def _start_live_preview(viewer, widget, qtbot, step: int):
     return viewer.layers["vol labels"]
 
 
+_EXPECTED_DIALOGS: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_unexpected_dialogs() -> Iterator[None]:
+    """Fail a test whose widget asks a question the test did not answer, instead of hanging.
+
+    The widget's questions are modal: unanswered, they would block the test forever.
+    """
+    if "qtpy" not in sys.modules:
+        yield
+        return
+    from qtpy.QtCore import QTimer
+    from qtpy.QtWidgets import QApplication, QMessageBox
+
+    unexpected: list[str] = []
+
+    def check() -> None:
+        box = QApplication.activeModalWidget()
+        if isinstance(box, QMessageBox) and not _EXPECTED_DIALOGS:
+            unexpected.append(box.text())
+            box.reject()
+
+    timer = QTimer()
+    timer.timeout.connect(check)
+    timer.start(100)
+    yield
+    timer.stop()
+    _EXPECTED_DIALOGS.clear()
+    assert not unexpected, f"the widget asked, and the test did not answer: {unexpected}"
+
+
+def _answer(button: str) -> list[str]:
+    """Click ``button`` in the next dialog the widget opens; returns [its text] once shown.
+
+    The widget's questions are real modal ``QMessageBox`` es; this answers them as a user
+    would, from inside their event loop.
+    """
+    from qtpy.QtCore import QTimer
+    from qtpy.QtWidgets import QApplication, QMessageBox
+
+    seen: list[str] = []
+    _EXPECTED_DIALOGS.append(button)
+
+    def click(attempts_left: int = 200) -> None:
+        box = QApplication.activeModalWidget()
+        if not isinstance(box, QMessageBox):
+            if attempts_left:
+                QTimer.singleShot(10, lambda: click(attempts_left - 1))
+            return
+        seen.append(box.text())
+        _EXPECTED_DIALOGS.remove(button)
+        for candidate in box.buttons():
+            if candidate.text().replace("&", "") == button:
+                candidate.click()
+                return
+        box.reject()
+        raise AssertionError(f"no {button!r} button in {[b.text() for b in box.buttons()]}")
+
+    QTimer.singleShot(0, click)
+    return seen
+
+
 def _labels_layers(viewer) -> list:
     from napari.layers import Labels
 
@@ -210,7 +273,7 @@ def test_widget_lists_image_layers_only_and_follows_the_layer_list(viewer_widget
     viewer.add_labels(np.zeros((64, 64), np.uint8), name="not an image")
     second = viewer.add_image(np.zeros((64, 64, 3), np.uint8), name="b", rgb=True)
     assert widget.image.choices == (first, second)
-    assert widget.image.value is first
+    assert widget.image.value is second  # napari makes a new layer the active one
     # napari refreshes docked pickers itself; the widget must also work undocked.
     from napari_lvunet._widget import LVUNetWidget
 
@@ -310,12 +373,203 @@ def test_rerun_keeps_hand_corrections_unless_overwrite(viewer_widget, qtbot) -> 
 
     widget.overwrite.value = True  # ticked: the latest result layer is replaced in place
     layers[1].paint((10, 10), 5)
+    asked = _answer("Replace")
     widget.segment()
     _wait_idle(qtbot, widget)
+    assert asked and "img labels 2" in asked[0]
     assert _labels_layers(viewer) == layers
     assert not (layers[1].data == 5).any()
     assert widget.edited_slices(layers[1]) == set()
     np.testing.assert_array_equal(first.data, corrected)
+
+
+@pytest.mark.gui
+def test_overwrite_asks_first_and_keeps_the_corrections(viewer_widget, qtbot, notes) -> None:
+    """Issue 10 #1: Overwrite never silently destroys hand corrections."""
+    viewer, widget = viewer_widget
+    data = np.random.default_rng(3).integers(0, 256, (128, 128), dtype=np.uint8)
+    viewer.add_image(data, name="img")
+    widget.threshold.value = 0.05
+    widget.segment()
+    _wait_idle(qtbot, widget)
+    layer = viewer.layers["img labels"]
+    proposal = layer.data.copy()
+    widget.overwrite.value = True
+
+    widget.segment()  # nothing corrected yet: replaced without a question
+    _wait_idle(qtbot, widget)
+    assert _labels_layers(viewer) == [layer] and not widget.restore_button.enabled
+
+    layer.brush_size = 20
+    layer.paint((30, 30), 1)
+    layer.paint((100, 100), 0)  # the eraser too
+    corrected = layer.data.copy()
+    assert not np.array_equal(corrected, proposal)
+
+    asked = _answer("Cancel")
+    widget.segment()
+    assert asked and "holds corrections" in asked[0] and not widget.busy
+    np.testing.assert_array_equal(layer.data, corrected)
+
+    asked = _answer("New layer")
+    widget.segment()
+    _wait_idle(qtbot, widget)
+    assert asked and len(_labels_layers(viewer)) == 2
+    np.testing.assert_array_equal(layer.data, corrected)
+    viewer.layers.remove(_labels_layers(viewer)[1])
+
+    asked = _answer("Replace")
+    widget.segment()
+    _wait_idle(qtbot, widget)
+    assert asked and _labels_layers(viewer) == [layer]
+    np.testing.assert_array_equal(layer.data, proposal)  # replaced by the model's result
+    assert widget.restore_button.enabled
+    assert widget.restore_replaced()  # one click brings the corrections back
+    np.testing.assert_array_equal(layer.data, corrected)
+    assert widget.edited_slices(layer) == {()} and not widget.restore_button.enabled
+    assert any("restored" in m for m in notes.messages("info"))
+
+    # Corrections made by writing into the data (no paint event) count as well.
+    layer.data = proposal.copy()
+    layer.data[0:5, 0:5] = 1 - layer.data[0:5, 0:5]
+    widget._tracks[layer].edited.clear()
+    asked = _answer("Cancel")
+    widget.segment()
+    assert asked and not widget.busy
+
+
+@pytest.mark.gui
+def test_resegment_keeps_the_corrected_layer_picked(viewer_widget, qtbot, notes, tmp_path) -> None:
+    """Issue 10 #2: a new result never takes over Save's picker, and looks different."""
+    viewer, widget = viewer_widget
+    data = np.random.default_rng(11).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    viewer.add_image(data, name="img", rgb=True)
+    widget.threshold.value = 0.05
+    widget.segment()
+    _wait_idle(qtbot, widget)
+    first = viewer.layers["img labels"]
+    assert widget.corrected.value is first
+    first.brush_size = 15
+    first.paint((64, 64), 1 - int(first.data[64, 64]))  # brush or eraser: a real change
+
+    widget.segment()
+    _wait_idle(qtbot, widget)
+    second = _labels_layers(viewer)[-1]
+    assert second is not first and second.name == "img labels 2"
+    assert widget.corrected.value is first  # still the layer the user corrected
+    colour_first = first.colormap.map(np.array([1]))[0]
+    colour_second = second.colormap.map(np.array([1]))[0]
+    assert not np.allclose(colour_first, colour_second)
+    # High contrast on red mucosa: neither result is drawn in a red.
+    for r, g, b, _a in (colour_first, colour_second):
+        assert not (r > 0.6 and g < 0.4 and b < 0.4)
+
+    # Saving the never-corrected result asks first; Cancel saves nothing.
+    widget.data_dir.value = tmp_path / "corrections"
+    widget.corrected.value = second
+    asked = _answer("Cancel")
+    assert widget.save_for_training() == []
+    assert asked and "never corrected" in asked[0]
+    assert not (tmp_path / "corrections" / "masks").exists() or not any(
+        (tmp_path / "corrections" / "masks").iterdir()
+    )
+    asked = _answer("Save anyway")
+    assert len(widget.save_for_training()) == 1 and asked
+    widget.corrected.value = first  # the corrected one saves without a question
+    assert len(widget.save_for_training()) == 1
+
+
+@pytest.mark.gui
+def test_pickers_follow_the_layer_selected_in_napari(viewer_widget, qtbot) -> None:
+    """Issue 10 #5: selecting a layer in napari's list is what the widget acts on."""
+    viewer, widget = viewer_widget
+    rng = np.random.default_rng(12)
+    a = viewer.add_image(rng.integers(0, 256, (128, 128), dtype=np.uint8), name="a")
+    b = viewer.add_image(rng.integers(0, 256, (128, 128), dtype=np.uint8), name="b")
+    viewer.layers.selection.active = a
+    assert widget.image.value is a
+    viewer.layers.selection.active = b
+    assert widget.image.value is b
+    widget.segment()
+    _wait_idle(qtbot, widget)
+    result = viewer.layers["b labels"]
+    viewer.layers.selection.active = a
+    assert widget.image.value is a
+    viewer.layers.selection.active = result  # a result: its own image, and Save's layer
+    assert widget.image.value is b and widget.corrected.value is result
+
+
+@pytest.mark.gui
+def test_dock_keeps_its_width_with_long_texts(make_napari_viewer, qtbot, weights_file, tmp_path):
+    """Issue 10 #6: long statuses and file names are elided, never widen the dock."""
+    import shutil
+
+    viewer = make_napari_viewer(show=True)
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-lvunet", "LV-UNet segmentation")
+    viewer.add_image(np.zeros((128, 128), np.uint8), name="img")
+    qtbot.wait(200)
+    width, hint = dock.width(), widget.native.minimumSizeHint().width()
+
+    long_name = "lvunet-finetuned-" + "my-very-long-corrections-folder-" * 4 + "x.safetensors"
+    shutil.copyfile(weights_file, tmp_path / long_name)
+    widget.add_weights_file(tmp_path / long_name)
+    widget.segment()
+    _wait_idle(qtbot, widget)
+    long_status = "fine-tuning: " + "a status that goes on and on, " * 20
+    widget.status.value = long_status
+    qtbot.wait(200)
+    assert dock.width() == width
+    assert widget.native.minimumSizeHint().width() <= hint
+    assert widget.status.value == long_status  # the full text is kept...
+    assert long_status in widget.status.native.toolTip()  # ...and shown on hover
+    assert widget.status.native.text().endswith("…")  # elided on screen
+
+
+@pytest.mark.gui
+def test_ambiguous_two_channel_image_asks_for_axes(viewer_widget, qtbot, notes) -> None:
+    """Issue 10 #4: an (H, W, 2) image is never silently a stack of W x 2 images."""
+    viewer, widget = viewer_widget
+    data = np.random.default_rng(13).integers(0, 256, (128, 96, 2), dtype=np.uint8)
+    viewer.add_image(data, name="two")
+    assert widget.axes.value == "auto"
+    widget.segment()
+    assert not widget.busy and "two labels" not in viewer.layers
+    message = notes.messages("error")[-1]
+    assert "(128, 96, 2)" in message and "Axes" in message
+    assert widget.axes.native.isVisibleTo(widget.native)  # the choice is on show
+    assert widget.status.value == "choose the image's axes"
+    widget.axes.value = "ZYX"  # the user says: it really is a stack
+    widget.segment()
+    _wait_idle(qtbot, widget)
+    assert viewer.layers["two labels"].data.shape == (128, 96, 2)
+
+
+@pytest.mark.gui
+def test_controls_explain_themselves_and_results_can_be_outlines(viewer_widget, qtbot) -> None:
+    """Issue 10 clarity: tooltips everywhere, stack controls only for stacks, outlines."""
+    viewer, widget = viewer_widget
+    for control in widget:
+        assert control.tooltip, f"{control.label or control.text!r} has no tooltip"
+    assert "Ctrl+Shift+Return" in widget.segment_button.tooltip
+    assert "Ctrl+Shift+S" in widget.save_button.tooltip
+    keys = [shortcut.key().toString() for shortcut in widget._shortcuts]
+    assert keys == ["Ctrl+Shift+Return", "Ctrl+Shift+S"]
+
+    def shown(control) -> bool:
+        return control.native.isVisibleTo(widget.native)
+
+    viewer.add_image(np.zeros((128, 128), np.uint8), name="flat")
+    assert not shown(widget.scope) and not shown(widget.live) and not shown(widget.axes)
+    viewer.add_image(np.zeros((3, 128, 128), np.uint8), name="stack")
+    assert shown(widget.scope) and shown(widget.live) and shown(widget.axes)
+
+    widget.outline.value = True
+    widget.segment()
+    _wait_idle(qtbot, widget)
+    result = viewer.layers["stack labels"]
+    assert result.contour > 0
+    widget.outline.value = False
+    assert result.contour == 0
 
 
 @pytest.mark.gui
@@ -371,7 +625,7 @@ def test_save_for_training_from_widget(viewer_widget, qtbot, notes, tmp_path, we
     widget.segment()
     _wait_idle(qtbot, widget)
     layer = viewer.layers["frames labels"]
-    layer.data[1, 20:40, 20:40] = 3  # the user's correction
+    layer.data[1, 20:40, 20:40] = 3 * (1 - np.sign(layer.data[1, 20:40, 20:40]))  # corrected
     widget.data_dir.value = tmp_path / "corrections"
     pairs = widget.save_for_training()
     assert [p.name for p, _ in pairs] == ["frames_z000.png", "frames_z001.png", "frames_z002.png"]
@@ -383,6 +637,7 @@ def test_save_for_training_from_widget(viewer_widget, qtbot, notes, tmp_path, we
 
     widget.scope.value = "slice"  # only the slice on display; never over the first pairs
     viewer.dims.set_current_step(0, 2)
+    layer.data[2, 0:9, 0:9] = 1 - np.sign(layer.data[2, 0:9, 0:9])  # corrected too
     again = widget.save_for_training()
     assert [p.name for p, _ in again] == ["frames-2_z002.png"]
     assert len(list((tmp_path / "corrections" / "masks").iterdir())) == 4
@@ -398,6 +653,8 @@ def test_save_for_training_pairs_a_result_with_its_own_image(viewer_widget, qtbo
     widget.segment()
     _wait_idle(qtbot, widget)
     assert widget.corrected.value is viewer.layers["A labels"]
+    a_labels = viewer.layers["A labels"]
+    a_labels.paint((64, 64), 1 - int(a_labels.data[64, 64]))  # corrected: no question
     widget.image.value = b  # same size as A: a shape check cannot tell them apart
     widget.data_dir.value = tmp_path / "corrections"
     ((img_path, _),) = widget.save_for_training()
