@@ -6,7 +6,8 @@ its memory until the process ends, and an out-of-memory kill would take napari d
 it. :class:`FinetuneJob` starts ``python -m training.finetune ... --progress json``,
 reads its event lines on a thread and reports them through callbacks.
 
-The child's protocol: every event is one stdout line ``@lvunet {json}``, the JSON object
+The child's protocol (:mod:`napari_lvunet.finetune_events`, which both sides import):
+every event is one stdout line ``@lvunet {json}``, the JSON object
 naming its kind under ``"event"``:
 
 * ``start``; ``step`` after every optimiser step (``step``, ``total_steps``, ``epoch``,
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import atexit
 import collections
-import json
 import logging
 import os
 import signal
@@ -39,8 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .finetune_events import EXIT_OK, EXIT_USAGE, parse_event
+
 __all__ = [
-    "EVENT_PREFIX",
     "FinetuneJob",
     "FinetuneResult",
     "FinetuneStep",
@@ -49,11 +50,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: What starts every event line the child writes to stdout.
-EVENT_PREFIX = "@lvunet "
-
-#: Exit codes of ``python -m training.finetune``.
-EXIT_DONE, EXIT_ERROR, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 3
 
 #: How long a cancelled child gets to stop on SIGTERM before it is killed.
 KILL_AFTER_S = 1.0
@@ -345,18 +341,13 @@ class FinetuneJob:
 
     @staticmethod
     def _parse(line: str) -> dict[str, Any] | None:
-        if not line.startswith(EVENT_PREFIX):
-            if line.strip():
-                logger.debug("finetune: %s", line.rstrip())
-            return None
         try:
-            event = json.loads(line[len(EVENT_PREFIX) :])
-        except json.JSONDecodeError:
+            event = parse_event(line)
+        except ValueError:  # json.JSONDecodeError included
             logger.warning("fine-tune child wrote an unreadable event line: %r", line[:200])
             return None
-        if not isinstance(event, dict) or not isinstance(event.get("event"), str):
-            logger.warning("fine-tune child wrote an event without a kind: %r", line[:200])
-            return None
+        if event is None and line.strip():
+            logger.debug("finetune: %s", line.rstrip())
         return event
 
     @staticmethod
@@ -387,7 +378,7 @@ class FinetuneJob:
     # ---------------------------------------------------------------- outcome
     def _finish(self, final: dict[str, Any] | None, returncode: int) -> None:
         kind = None if final is None else final.get("event")
-        if kind == "done" and returncode == EXIT_DONE:
+        if kind == "done" and returncode == EXIT_OK:
             try:
                 self.result = FinetuneResult(
                     weights=Path(final["weights"]),
@@ -422,7 +413,7 @@ class FinetuneJob:
                 )
         elif returncode == EXIT_USAGE:
             message = "fine-tuning did not start: its command line was refused"
-        elif returncode == EXIT_DONE:
+        elif returncode == EXIT_OK:
             message = "fine-tuning ended without reporting a result"
         else:
             message = f"fine-tuning crashed (exit code {returncode})"

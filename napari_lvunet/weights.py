@@ -867,8 +867,9 @@ def _reference_shapes() -> dict[str, tuple[int, ...]]:
     what any fused LV-UNet holds; only the head (``num_classes``) and the activation
     kernels (``act_num``) vary, and :func:`_expected_shapes` adjusts those.
     """
-    entry = registry()[DEFAULT_MODEL]
-    path = fetch_weights(entry.name, progressbar=False)
+    # The package's own entry, not registry(): a caller may patch that to other models.
+    (entry,) = (e for e in _ENTRIES if e.name == DEFAULT_MODEL)
+    path = _fetch_file(entry, entry.filename, entry.sha256, False, "weights")
     with open(path, "rb") as file:
         head = file.read(8)
         head += file.read(struct.unpack("<Q", head)[0])

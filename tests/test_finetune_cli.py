@@ -17,7 +17,7 @@ from PIL import Image
 
 from napari_lvunet._torch import TRAIN_INSTALL
 from napari_lvunet.cancel import Cancelled
-from training.events import (
+from napari_lvunet.finetune_events import (
     EXIT_CANCELLED,
     EXIT_ERROR,
     EXIT_OK,
@@ -243,9 +243,9 @@ def test_without_torch_every_command_names_the_install_line(command: str, tmp_pa
 
 
 def test_events_parse_on_the_widget_side_without_torch() -> None:
-    # The widget imports training.events in napari's process, which never imports torch.
+    # The widget imports napari_lvunet.finetune_events in napari's process: no torch there.
     code = (
-        "import sys; import training.events as e; "
+        "import sys; import napari_lvunet.finetune_events as e; "
         "assert e.parse_event(e.format_event('cancelled')) == {'event': 'cancelled'}; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )

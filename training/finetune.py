@@ -37,7 +37,7 @@ checked before the first step; it is created only when the result is written.
 Progress (``--progress``): ``bar`` (the default on a terminal) shows a progress bar,
 ``none`` only a line per epoch, and ``json`` writes one ``@lvunet {...}`` event per line
 on stdout (start, a step event after every optimiser step, eval, then done, error or
-cancelled) and everything else on stderr: see :mod:`training.events`.
+cancelled) and everything else on stderr: see :mod:`napari_lvunet.finetune_events`.
 
 SIGTERM and SIGINT (Ctrl-C) cancel: the run stops within a second, writes nothing, and
 exits with code 3. ``--max-minutes`` ends training early at a step boundary and still
@@ -70,6 +70,7 @@ from typing import Any, TextIO
 import torch
 
 from napari_lvunet.cancel import Cancelled, CancelToken
+from napari_lvunet.finetune_events import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, EventWriter
 from napari_lvunet.io import atomic_write
 from napari_lvunet.model import LVUNet, reparameterize_model
 from napari_lvunet.preprocess import normalize
@@ -99,7 +100,6 @@ from .checkpoint import (
 )
 from .data import CachedSegmentationDataset, DatasetError, Pair, find_pairs
 from .evaluate import evaluate_pairs, summarize
-from .events import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, EventWriter
 from .options import integer, number
 from .outputs import OutputError, check_writable_folder
 from .train import TrainingDiverged, autocast_dtype, optimisation_step, select_device
@@ -117,7 +117,7 @@ logger = logging.getLogger(__name__)
 
 #: ``progress(epoch, epochs, metrics)`` after each epoch.
 Progress = Callable[[int, int, dict[str, float]], None]
-#: ``events(name, **fields)`` for each event of :mod:`training.events`.
+#: ``events(name, **fields)`` for each event of :mod:`napari_lvunet.finetune_events`.
 Events = Callable[..., Any]
 
 
@@ -419,7 +419,7 @@ def finetune(
             ``train_dice`` and ``heldout_dice``: after each epoch with ``epochs``, once at
             the end with ``steps``.
         events: Called as ``events(name, **fields)`` with the ``start``, ``step`` (after
-            every optimiser step) and ``eval`` events of :mod:`training.events`; the
+            every optimiser step) and ``eval`` events of :mod:`napari_lvunet.finetune_events`; the
             ending (done, error, cancelled) is the caller's to report.
         cancel: An object with ``is_set()`` (a ``threading.Event``), checked before every
             step, before each image is read and each held-out evaluation: when set,
