@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -194,7 +194,7 @@ def read_image(path: str | os.PathLike[str], *, mask: bool = False) -> np.ndarra
 
     Returns:
         The pixel array as decoded: ``(H, W)``, ``(H, W, 3|4)`` or a TIFF's own shape;
-        never empty.
+        an animated GIF or PNG gives every frame, ``(T, H, W[, 3])``; never empty.
 
     Raises:
         OSError: If the file is missing or unreadable, or Pillow cannot identify or
@@ -225,15 +225,34 @@ def _read_pillow(path: Path, *, mask: bool) -> np.ndarray:
             # wrong pixels; verify() checks every chunk (and needs a fresh open after).
             img.verify()
     with Image.open(path) as img:
-        if img.mode in ("P", "PA") and mask:
-            img = img.getchannel(0)
-        elif img.mode in ("P", "PA"):
-            img = img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB")
-        elif img.mode in ("1", "LA"):
-            img = img.convert("L")
-        elif img.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
-            img = img.convert("RGB")
-        return np.asarray(img)
+        frames = getattr(img, "n_frames", 1)
+        if frames == 1:
+            return np.asarray(_decoded(img, mask=mask))
+        # An animated GIF or PNG, or a multi-page file: every frame, as a stack, never
+        # just the first. Frames are made alike (a GIF's later frames may change mode).
+        stack = []
+        for index in range(frames):
+            img.seek(index)
+            frame = _decoded(img, mask=mask)
+            if not mask and frame.mode != "L":
+                frame = frame.convert("RGB")
+            stack.append(np.asarray(frame))
+        if len({frame.shape for frame in stack}) != 1:
+            raise ValueError(f"{path}: its {frames} frames differ in size; cannot stack them")
+        return np.stack(stack)
+
+
+def _decoded(img: Any, *, mask: bool) -> Any:
+    """One Pillow frame in the mode napari shows it in (see :func:`read_image`)."""
+    if img.mode in ("P", "PA") and mask:
+        return img.getchannel(0)
+    if img.mode in ("P", "PA"):
+        return img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB")
+    if img.mode in ("1", "LA"):
+        return img.convert("L")
+    if img.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        return img.convert("RGB")
+    return img
 
 
 class _ThreadErrors(logging.Handler):

@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import stat
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from napari_lvunet.io import atomic_write
+from napari_lvunet.io import atomic_write, read_image
 
 
 def _names(folder):
@@ -82,3 +85,16 @@ def test_new_files_get_normal_permissions(tmp_path):
 def test_missing_folder_is_an_oserror(tmp_path):
     with pytest.raises(FileNotFoundError):
         atomic_write(tmp_path / "nope" / "a.bin", lambda f: f.write(b"a"), overwrite=False)
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".png"])
+def test_animated_images_give_every_frame_not_just_the_first(tmp_path: Path, suffix: str) -> None:
+    """An animated GIF (or APNG) once gave frame 0 only, silently."""
+    frames = [np.full((20, 30, 3), value, np.uint8) for value in (0, 120, 250)]
+    frames[1][5:15, 5:15] = (255, 0, 0)
+    path = tmp_path / f"clip{suffix}"
+    images = [Image.fromarray(frame) for frame in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=40, loop=0)
+    stack = read_image(path)
+    assert stack.shape == (3, 20, 30, 3)
+    assert [int(frame.mean()) for frame in stack] == [int(f.mean()) for f in frames]
