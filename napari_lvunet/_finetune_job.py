@@ -103,6 +103,7 @@ def finetune_argv(
     weights: str | Path,
     *,
     epochs: int | None = None,
+    steps: int | None = None,
     out_dir: str | Path | None = None,
     extra: Sequence[str] = (),
     python: str | None = None,
@@ -112,7 +113,9 @@ def finetune_argv(
     Args:
         data_dir: Folder with ``images/`` and ``masks/``.
         weights: Registry name, ``.safetensors`` file or training ``.pt`` to start from.
-        epochs: Passes over the images; the child's default when None.
+        epochs: Passes over the images, instead of a number of steps.
+        steps: Optimiser steps (the child's default schedule, 100 steps, when both are
+            None).
         out_dir: Where the child writes; its default (``<data_dir>/finetuned``) when None.
         extra: Further ``training.finetune`` options, e.g. ``("--lr", "1e-4")``.
         python: The interpreter; this process's own when None.
@@ -121,6 +124,8 @@ def finetune_argv(
     argv += ["--data", str(data_dir), "--weights", str(weights), "--progress", "json"]
     if epochs is not None:
         argv += ["--epochs", str(int(epochs))]
+    if steps is not None:
+        argv += ["--steps", str(int(steps))]
     if out_dir is not None:
         argv += ["--out", str(out_dir)]
     return argv + list(extra)

@@ -341,7 +341,7 @@ class LVUNetWidget(Container):
         self._replaced: _Replaced | None = None
         self.command = LineEdit(label="Fine-tune command", value="")
         self.command.native.setReadOnly(True)
-        self.epochs = SpinBox(label="Epochs", min=1, max=1000, value=30)
+        self.steps = SpinBox(label="Training steps", min=1, max=100_000, value=100)
         self.finetune_button = PushButton(text="Fine-tune")
         self.details = TextEdit(label="Messages", value="")
         self.details.native.setReadOnly(True)
@@ -372,7 +372,7 @@ class LVUNetWidget(Container):
                 self.save_button,
                 self.restore_button,
                 self.command,
-                self.epochs,
+                self.steps,
                 self.finetune_button,
                 self.details,
             ]
@@ -533,7 +533,9 @@ class LVUNetWidget(Container):
             "(Ctrl+Shift+S). Nothing saved before is overwritten.",
             self.restore_button: "Put back the labels that the last 'Overwrite' replaced.",
             self.command: "The command that fine-tunes outside napari; select and copy it.",
-            self.epochs: "How many times fine-tuning goes through your saved corrections.",
+            self.steps: "How long fine-tuning trains: each step learns from 4 of your "
+            "corrections and 1 shipped image. 100 steps adapt the model to a new centre's "
+            "images in about 6 minutes on a 2-core laptop CPU.",
             self.finetune_button: "Retrain the chosen model on the saved corrections, in the "
             "background; the new weights are then chosen.",
             self.details: "Long messages: commands and error details, to read and copy.",
@@ -1303,7 +1305,7 @@ class LVUNetWidget(Container):
             return
         signals = self._job_signals
         job = FinetuneJob(
-            finetune_argv(folder, self.model.value, epochs=int(self.epochs.value)),
+            finetune_argv(folder, self.model.value, steps=int(self.steps.value)),
             on_progress=signals.step.emit,
             on_done=signals.done.emit,
             on_error=signals.failed.emit,
