@@ -60,9 +60,7 @@ def run(
     inputs, problems = batch.collect_inputs([str(a) for a in arguments], recursive=recursive)
     jobs = batch.plan_jobs(inputs, out, opts)
     batch.check_writable(out)
-    return batch.run_batch(
-        jobs, segmenter, opts, summary=out / "summary.csv", failures=problems
-    )
+    return batch.run_batch(jobs, segmenter, opts, summary=out / "summary.csv", failures=problems)
 
 
 def test_folder_with_a_corrupt_file(segmenter, tmp_path: Path) -> None:
