@@ -627,3 +627,17 @@ def test_downloaded_graph_is_hash_checked_and_damage_is_refused_at_session_time(
     opened.onnx_path.write_bytes(bytes(data))
     with pytest.raises(WeightsError, match="does not match its registered sha256"):
         Segmenter(opened, device="cpu")
+
+
+def test_nan_weights_are_refused_even_with_a_matching_hash(
+    weights_file: Path, tmp_path: Path
+) -> None:
+    """A diverged run's weights, saved with their own (correct) tensor hash."""
+    tensors = load_file(weights_file)
+    tensors["head.bias"] = torch.full_like(tensors["head.bias"], float("nan"))
+    meta = read_metadata(weights_file)
+    meta["tensors_sha256"] = tensors_sha256(tensors)
+    bad = _rewrite(weights_file, tmp_path / "nan.safetensors", tensors=tensors, meta=meta)
+    for reader in (open_weights, load_model):
+        with pytest.raises(WeightsError, match="NaN or infinite weights"):
+            reader(bad)
