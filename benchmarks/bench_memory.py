@@ -86,7 +86,7 @@ def _cli_case(side: int) -> dict:
             "-c",
             "import resource, sys, runpy; sys.argv = ['napari-lvunet', *sys.argv[1:]];"
             "code = 0\n"
-            "try:\n    runpy.run_module('napari_lvunet.cli', run_name='__main__')\n"
+            "try:\n    runpy.run_module('napari_lvunet', run_name='__main__')\n"
             "except SystemExit as e:\n    code = e.code or 0\n"
             "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,"
             " file=sys.stderr); sys.exit(code)",
