@@ -2,7 +2,8 @@
 
 Command-line tools: ``python -m training.train``, ``training.finetune``,
 ``training.evaluate`` and ``training.export`` (each with ``--help``). This package
-imports :mod:`napari_lvunet`; the plugin imports it only lazily, for fine-tuning.
+imports :mod:`napari_lvunet`; the plugin never imports it (the widget runs
+``python -m training.finetune`` as a child process).
 
 Every tool needs PyTorch. Without it, ``python -m training.<tool>`` prints one line
 with the install command and exits with code 1, instead of an import traceback.
