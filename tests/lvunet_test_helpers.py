@@ -1,14 +1,39 @@
-"""Helpers shared by several test modules (importable: pytest puts tests/ on sys.path)."""
+"""Helpers shared by several test modules (importable: pytest puts tests/ on sys.path).
+
+No torch at import: GUI test modules use these and keep their process torch-free.
+"""
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+_MAKE_WEIGHTS = """
+import sys, torch
+from napari_lvunet.model import LVUNet
+from napari_lvunet.weights import save_weights
+torch.manual_seed(1)
+model = LVUNet(act_num=1)
+model.set_act_learn(1.0)
+save_weights(model, sys.argv[1], {"dataset": "none: random weights for tests"})
+"""
 
 
-def randomize_batchnorms(module: nn.Module, seed: int = 0) -> None:
+def weights_in_child(path: Path) -> Path:
+    """Random LV-UNet weights at the end of deep training, fused and saved like a real
+    model, made by a child process so that the calling test process never imports torch."""
+    subprocess.run([sys.executable, "-c", _MAKE_WEIGHTS, str(path)], check=True, timeout=300)
+    return path
+
+
+def randomize_batchnorms(module: Any, seed: int = 0) -> None:
     """Give every BatchNorm non-trivial running statistics and affine parameters, so that
     a wrong fold (or a fold that forgets a term) changes the outputs."""
+    import torch
+    from torch import nn
+
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in module.modules():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import http.server
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from lvunet_test_helpers import weights_in_child
 from PIL import Image as PILImage
 
 from napari_lvunet._annotations import (
@@ -120,23 +120,11 @@ def test_save_for_training_scales_float_gray_and_checks_shapes(tmp_path: Path) -
 
 
 # Random fused weights, written by a child so that this process never imports torch.
-_MAKE_WEIGHTS = """
-import sys, torch
-from napari_lvunet.model import LVUNet
-from napari_lvunet.weights import save_weights
-torch.manual_seed(1)
-model = LVUNet(act_num=1)
-model.set_act_learn(1.0)
-save_weights(model, sys.argv[1], {"dataset": "none: random weights for tests"})
-"""
-
-
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random LV-UNet at the end of deep training, fused and saved like a real model."""
     path = tmp_path_factory.mktemp("weights") / "random.safetensors"
-    subprocess.run([sys.executable, "-c", _MAKE_WEIGHTS, str(path)], check=True, timeout=300)
-    return path
+    return weights_in_child(path)
 
 
 class _Notes:
