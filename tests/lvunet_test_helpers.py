@@ -28,6 +28,23 @@ def weights_in_child(path: Path) -> Path:
     return path
 
 
+def tiny_pairs_folder(root: Path, n: int = 3, size: int = 128) -> Path:
+    """``n`` random images with rectangle masks in the layout ``training`` reads."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(6)
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True)
+    for i in range(n):
+        image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        mask = np.zeros((size, size), np.uint8)
+        mask[20 + 10 * i : 70 + 10 * i, 30:90] = 255
+        Image.fromarray(image).save(root / "images" / f"case{i}.png")
+        Image.fromarray(mask).save(root / "masks" / f"case{i}.png")
+    return root
+
+
 def randomize_batchnorms(module: Any, seed: int = 0) -> None:
     """Give every BatchNorm non-trivial running statistics and affine parameters, so that
     a wrong fold (or a fold that forgets a term) changes the outputs."""

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from lvunet_test_helpers import weights_in_child
-from PIL import Image as PILImage
+from lvunet_test_helpers import tiny_pairs_folder, weights_in_child
 
 from napari_lvunet._finetune_job import (
     KILL_AFTER_S,
@@ -37,20 +36,6 @@ pytestmark = pytest.mark.skipif(os.name != "posix", reason="signals as on Linux 
 def weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "random.safetensors"
     return weights_in_child(path)
-
-
-def tiny_folder(root: Path, n: int = 3, size: int = 128) -> Path:
-    """``n`` random images with rectangle masks in the layout ``training`` reads."""
-    rng = np.random.default_rng(6)
-    for sub in ("images", "masks"):
-        (root / sub).mkdir(parents=True)
-    for i in range(n):
-        image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-        mask = np.zeros((size, size), np.uint8)
-        mask[20 + 10 * i : 70 + 10 * i, 30:90] = 255
-        PILImage.fromarray(image).save(root / "images" / f"case{i}.png")
-        PILImage.fromarray(mask).save(root / "masks" / f"case{i}.png")
-    return root
 
 
 class _Recorder:
@@ -109,7 +94,7 @@ def test_step_in_plain_words() -> None:
 
 @pytest.mark.slow
 def test_real_finetune_reports_every_step_and_the_weights(tmp_path, weights_file) -> None:
-    folder = tiny_folder(tmp_path / "data", n=5)
+    folder = tiny_pairs_folder(tmp_path / "data", n=5)
     rec = _Recorder()
     # 4 training pairs (one held out), 2 per step: 2 steps per epoch, 4 in all.
     job = rec.job(finetune_argv(folder, weights_file, epochs=2, extra=("--batch-size", "2")))
@@ -130,7 +115,7 @@ def test_real_finetune_reports_every_step_and_the_weights(tmp_path, weights_file
 
 @pytest.mark.slow
 def test_cancel_stops_a_real_finetune_and_writes_nothing(tmp_path, weights_file) -> None:
-    folder = tiny_folder(tmp_path / "data", n=5)
+    folder = tiny_pairs_folder(tmp_path / "data", n=5)
     rec = _Recorder()
     started = threading.Event()
     job = rec.job(finetune_argv(folder, weights_file, epochs=200, extra=("--batch-size", "1")))

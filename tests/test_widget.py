@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from lvunet_test_helpers import weights_in_child
+from lvunet_test_helpers import tiny_pairs_folder, weights_in_child
 from PIL import Image as PILImage
 
 from napari_lvunet._annotations import (
@@ -725,19 +725,6 @@ def test_overwrite_replaces_only_the_widgets_probability_layer(viewer_widget, qt
     np.testing.assert_array_equal(viewer.layers["img probability"].data, users)
 
 
-def _tiny_folder(root: Path, n: int = 3, size: int = 128) -> Path:
-    rng = np.random.default_rng(6)
-    for sub in ("images", "masks"):
-        (root / sub).mkdir(parents=True)
-    for i in range(n):
-        image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-        mask = np.zeros((size, size), np.uint8)
-        mask[20 + 10 * i : 70 + 10 * i, 30:90] = 255
-        PILImage.fromarray(image).save(root / "images" / f"case{i}.png")
-        PILImage.fromarray(mask).save(root / "masks" / f"case{i}.png")
-    return root
-
-
 def _gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -751,7 +738,7 @@ def _gone(pid: int) -> bool:
 def test_finetune_from_widget_selects_new_weights(viewer_widget, qtbot, notes, tmp_path) -> None:
     torch_before = "torch" in sys.modules
     viewer, widget = viewer_widget
-    folder = _tiny_folder(tmp_path / "corrections", n=5)
+    folder = tiny_pairs_folder(tmp_path / "corrections", n=5)
     widget.data_dir.value = folder
     widget.steps.value = 2
     before = widget.model.value
@@ -793,7 +780,7 @@ def test_finetune_from_widget_selects_new_weights(viewer_widget, qtbot, notes, t
 @pytest.mark.slow
 def test_finetune_cancel_ends_the_child_and_writes_nothing(viewer_widget, qtbot, notes, tmp_path):
     _viewer, widget = viewer_widget
-    folder = _tiny_folder(tmp_path / "corrections", n=5)
+    folder = tiny_pairs_folder(tmp_path / "corrections", n=5)
     widget.data_dir.value = folder
     widget.steps.value = 5000
     before = widget.model.choices
@@ -841,7 +828,7 @@ def test_finetune_without_torch_names_the_install_line(viewer_widget, notes, tmp
     from napari_lvunet._torch import TRAIN_INSTALL
 
     _viewer, widget = viewer_widget
-    widget.data_dir.value = _tiny_folder(tmp_path / "corrections")
+    widget.data_dir.value = tiny_pairs_folder(tmp_path / "corrections")
     # The probe the widget asks, answering as it does in a core install without torch.
     monkeypatch.setattr(_widget, "torch_installed", lambda: False)
     widget.finetune()
