@@ -9,24 +9,36 @@ from __future__ import annotations
 import glob
 import hashlib
 import itertools
+import json
 import logging
 import re
 import shlex
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
 
-from .io import atomic_write
+from .io import atomic_write, read_image
 from .preprocess import to_unit_rgb
 
 __all__ = [
+    "PAIR_SUFFIXES",
+    "PROVENANCE_KEYS",
     "RESULT_COLOURS",
+    "DuplicateImageError",
+    "SaveResult",
+    "SavedPair",
     "SliceIndex",
+    "correction_record",
     "edited_slices",
+    "file_digest",
     "finetune_command",
+    "image_digest",
     "iter_slices",
     "layer_axes",
     "next_colour",
@@ -159,14 +171,210 @@ def _to_png_array(image2d: np.ndarray) -> np.ndarray:
     return np.round(unit * 255.0).astype(np.uint8)
 
 
-def _free_stem(images_dir: Path, masks_dir: Path, stem: str, slice_ids: list[SliceIndex]) -> str:
-    """``stem``, or ``stem-2``, ``stem-3``... : the first with no existing file of any pair."""
+# ---------------------------------------------------------------- saving corrections
+
+#: The file types of a pair's image and mask that training reads. This repeats
+#: ``training.data.IMAGE_SUFFIXES`` (that module imports torch); a test keeps them equal.
+PAIR_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+#: Folders of a dataset beside ``images/`` and ``masks/``; training reads none of them.
+PROPOSALS_DIR = "proposals"  # the model's proposal of each saved pair (0/255 PNG)
+RECORDS_DIR = "records"  # one JSON correction record per saved pair
+HISTORY_DIR = "history"  # what an update replaced: history/<UTC time>/{masks,records,proposals}
+
+RECORD_FORMAT = "napari-lvunet-correction"
+RECORD_FORMAT_VERSION = 1
+
+#: The keys of ``save_for_training``'s ``provenance`` that go into a record.
+PROVENANCE_KEYS = ("weights_name", "weights_sha256", "threshold", "sizing", "output")
+
+DUPLICATE_CHOICES = ("refuse", "update")
+
+
+def image_digest(array: np.ndarray) -> str:
+    """SHA-256 of an image's pixels: its shape, dtype and values.
+
+    The same picture saved twice, under two names or in two lossless formats, has one
+    digest. :func:`file_digest` (the saved files) and ``training.adapt.content_digest``
+    (the held-out split) are this digest of the decoded file.
+    """
+    array = np.ascontiguousarray(array)
+    h = hashlib.sha256(f"{array.shape}|{array.dtype.str}|".encode())
+    h.update(array.tobytes())
+    return h.hexdigest()
+
+
+_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+_DIGESTS_LOCK = threading.Lock()
+_DIGESTS_MAX = 100_000
+
+
+def file_digest(path: str | Path) -> str:
+    """:func:`image_digest` of an image file's decoded pixels (``io.read_image``).
+
+    Remembered per file (path, inode, size, modification time), so saving into a large
+    dataset decodes each of its images once per session.
+
+    Raises:
+        OSError, ValueError: If the file cannot be read or decoded.
+    """
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    with _DIGESTS_LOCK:
+        known = _DIGESTS.get(key)
+    if known is not None:
+        return known
+    digest = image_digest(read_image(path))
+    with _DIGESTS_LOCK:
+        if len(_DIGESTS) >= _DIGESTS_MAX:
+            _DIGESTS.clear()
+        _DIGESTS[key] = digest
+    return digest
+
+
+class DuplicateImageError(ValueError):
+    """An image to save is in the dataset already, with another mask.
+
+    Attributes:
+        duplicates: ``(slice index, existing image, its mask or None)`` per clash.
+    """
+
+    def __init__(self, message: str, duplicates: Sequence[tuple[SliceIndex, Path, Path | None]]):
+        super().__init__(message)
+        self.duplicates = tuple(duplicates)
+
+
+@dataclass(frozen=True)
+class SavedPair:
+    """What happened to one image of a save.
+
+    Attributes:
+        slices: The saved slices showing this image (several when a stack holds the same
+            frame twice: one pair for all of them).
+        image, mask: The pair in the dataset.
+        status: ``"written"`` (a new pair), ``"updated"`` (an existing pair of the same
+            image got the new mask; the previous one is in ``history``) or
+            ``"unchanged"`` (the same image with the same mask was saved already).
+        record, proposal: The correction record and the model's proposal written with it
+            (None when nothing was written, or no proposal was known).
+        history: The folder that keeps what an update replaced.
+    """
+
+    slices: tuple[SliceIndex, ...]
+    image: Path
+    mask: Path
+    status: str
+    record: Path | None = None
+    proposal: Path | None = None
+    history: Path | None = None
+
+
+@dataclass(frozen=True)
+class SaveResult(Sequence[tuple[Path, Path]]):
+    """The outcome of :func:`save_for_training`: a sequence of ``(image, mask)`` pairs
+    (every pair that now holds a saved slice), with what happened to each in ``items``."""
+
+    items: tuple[SavedPair, ...]
+
+    def __getitem__(self, i):  # type: ignore[override]
+        pairs = [(item.image, item.mask) for item in self.items]
+        return pairs[i]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _with(self, status: str) -> list[SavedPair]:
+        return [item for item in self.items if item.status == status]
+
+    @property
+    def written(self) -> list[SavedPair]:
+        """New pairs."""
+        return self._with("written")
+
+    @property
+    def updated(self) -> list[SavedPair]:
+        """Existing pairs of the same image that got the new mask."""
+        return self._with("updated")
+
+    @property
+    def unchanged(self) -> list[SavedPair]:
+        """Pairs saved before with the same image and mask: nothing written."""
+        return self._with("unchanged")
+
+    def summary(self) -> str:
+        """One line for a status bar, e.g. ``2 pairs written, 1 updated (...)``."""
+        parts = []
+        if self.written:
+            parts.append(f"{len(self.written)} new pair(s) written")
+        if self.updated:
+            names = ", ".join(item.image.name for item in self.updated[:3])
+            more = ", ..." if len(self.updated) > 3 else ""
+            parts.append(
+                f"{len(self.updated)} existing pair(s) updated ({names}{more}; the previous "
+                f"masks are kept in {HISTORY_DIR}/)"
+            )
+        if self.unchanged:
+            parts.append(f"{len(self.unchanged)} unchanged (already saved with this mask)")
+        return "; ".join(parts) or "nothing saved"
+
+
+def _slice_label(index: SliceIndex) -> str:
+    """``slice z001`` (``slice t002_z001``) in a stack, ``the image`` for a 2D image."""
+    return "slice " + slice_stem("", index)[1:] if index else "the image"
+
+
+def _same_name_files(folder: Path, name: str) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p
+        for p in folder.glob(f"{glob.escape(name)}.*")
+        if p.suffix.lower() in PAIR_SUFFIXES and p.stem == name
+    )
+
+
+def _saved_images(images_dir: Path) -> dict[str, list[Path]]:
+    """The dataset's images by :func:`file_digest`; unreadable files are skipped (logged)."""
+    found: dict[str, list[Path]] = {}
+    if not images_dir.is_dir():
+        return found
+    for path in sorted(images_dir.iterdir()):
+        if path.name.startswith(".") or path.suffix.lower() not in PAIR_SUFFIXES:
+            continue
+        if not path.is_file():
+            continue
+        try:
+            digest = file_digest(path)
+        except (OSError, ValueError) as err:
+            logger.warning("cannot compare with %s (%s); it is left as it is", path, err)
+            continue
+        found.setdefault(digest, []).append(path)
+    return found
+
+
+def _mask_equals(mask_path: Path | None, mask: np.ndarray) -> bool:
+    if mask_path is None:
+        return False
+    try:
+        saved = read_image(mask_path, mask=True)
+    except (OSError, ValueError):
+        return False
+    if saved.ndim == 3:
+        saved = saved.max(axis=-1)
+    return saved.shape == mask.shape and bool(np.array_equal(saved > 0, mask))
+
+
+def _free_stem(root: Path, stem: str, slice_ids: Sequence[SliceIndex]) -> str:
+    """``stem``, or ``stem-2``, ``stem-3``... : the first that no file of any pair (image,
+    mask, proposal or record) uses yet."""
+    folders = [root / d for d in ("images", "masks", PROPOSALS_DIR, RECORDS_DIR)]
 
     def taken(candidate: str) -> bool:
         for index in slice_ids:
             name = slice_stem(candidate, index)
-            for folder in (images_dir, masks_dir):
-                if any(folder.glob(f"{glob.escape(name)}.*")):
+            for folder in folders:
+                if folder.is_dir() and any(folder.glob(f"{glob.escape(name)}.*")):
                     return True
         return False
 
@@ -177,10 +385,246 @@ def _free_stem(images_dir: Path, masks_dir: Path, stem: str, slice_ids: list[Sli
     return candidate
 
 
-def _write_png_exclusive(path: Path, array: np.ndarray) -> None:
+def _png_writer(array: np.ndarray) -> Callable[[BinaryIO], None]:
+    return lambda fh: Image.fromarray(array).save(fh, format="PNG")
+
+
+def _mask_writer(mask: np.ndarray) -> Callable[[BinaryIO], None]:
+    return _png_writer(mask.astype(np.uint8) * 255)
+
+
+def _json_writer(record: Mapping[str, Any]) -> Callable[[BinaryIO], None]:
+    text = json.dumps(record, indent=1, allow_nan=False) + "\n"
+    return lambda fh: fh.write(text.encode("utf-8"))
+
+
+def _dice(proposal: np.ndarray, corrected: np.ndarray) -> float:
+    total = int(proposal.sum()) + int(corrected.sum())
+    if total == 0:
+        return 1.0
+    return 2.0 * int(np.logical_and(proposal, corrected).sum()) / total
+
+
+def _json_value(value: Any) -> Any:
+    """A provenance value as JSON: numbers, strings, booleans and None as they are."""
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        return float(value) if np.isfinite(value) else None
+    return str(value)
+
+
+def correction_record(
+    *,
+    image: str,
+    mask: str,
+    slice_index: SliceIndex,
+    digest: str,
+    corrected: np.ndarray,
+    proposal: np.ndarray | None,
+    provenance: Mapping[str, Any] | None,
+    proposal_file: str | None = None,
+    previous: str | None = None,
+    time: str | None = None,
+) -> dict[str, Any]:
+    """The JSON record of one saved pair: where it came from and how much was corrected.
+
+    Args:
+        image, mask, proposal_file: The pair's files, relative to the dataset folder.
+        slice_index: The slice of the stack the pair was saved from (``()`` for 2D).
+        digest: :func:`image_digest` of the saved image.
+        corrected: The saved mask (bool, HxW).
+        proposal: The model's foreground for this slice (bool, HxW), or None when not
+            known: then the effort fields are None, never guessed.
+        provenance: ``weights_name``, ``weights_sha256``, ``threshold``, ``sizing``,
+            ``output`` of the model run that made the proposal (missing keys: None).
+        previous: The history folder that keeps what this record's save replaced.
+        time: ISO 8601 UTC time; now when None.
+    """
+    corrected = np.asarray(corrected, dtype=bool)
+    prov = dict(provenance or {})
+    record: dict[str, Any] = {
+        "format": RECORD_FORMAT,
+        "format_version": RECORD_FORMAT_VERSION,
+        "time": time or datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+        "image": image,
+        "mask": mask,
+        "proposal": proposal_file,
+        "slice": [int(i) for i in slice_index],
+        **{key: _json_value(prov.get(key)) for key in PROVENANCE_KEYS},
+        "pixels": int(corrected.size),
+        "foreground": int(corrected.sum()),
+        "pixels_added": None,
+        "pixels_removed": None,
+        "dice": None,
+        "image_digest": digest,
+        "previous": previous,
+    }
+    if proposal is not None:
+        proposal = np.asarray(proposal, dtype=bool)
+        record["pixels_added"] = int(np.logical_and(corrected, ~proposal).sum())
+        record["pixels_removed"] = int(np.logical_and(proposal, ~corrected).sum())
+        record["dice"] = _dice(proposal, corrected)
+    return record
+
+
+@dataclass
+class _Planned:
+    """One distinct image of a save, before anything is written."""
+
+    slices: list[SliceIndex]
+    pixels: np.ndarray
+    mask: np.ndarray
+    digest: str
+    proposal: np.ndarray | None
+    existing: list[tuple[Path, Path | None, bool]]  # (image, mask, same mask)
+
+
+def _plan(
+    image: np.ndarray,
+    labels: np.ndarray,
+    slice_ids: Sequence[SliceIndex],
+    proposals: Mapping[SliceIndex, np.ndarray],
+) -> list[_Planned]:
+    """What each slice would write, slices showing the same image merged into one."""
+    plans: dict[str, _Planned] = {}
+    for index in slice_ids:
+        pixels = _to_png_array(np.asarray(image[index]))
+        mask = np.asarray(labels[index]) > 0
+        digest = image_digest(pixels)
+        proposal = proposals.get(index)
+        first = plans.get(digest)
+        if first is None:
+            plans[digest] = _Planned([index], pixels, mask, digest, proposal, [])
+            continue
+        if not np.array_equal(first.mask, mask):
+            raise ValueError(
+                f"{_slice_label(first.slices[0])} and {_slice_label(index)} show the same "
+                "image with different masks: save one of them"
+            )
+        first.slices.append(index)
+        if first.proposal is None:
+            first.proposal = proposal
+    return list(plans.values())
+
+
+def _check_proposals(
+    proposals: Mapping[SliceIndex, Any] | None, labels: np.ndarray, slice_ids: list[SliceIndex]
+) -> dict[SliceIndex, np.ndarray]:
+    checked: dict[SliceIndex, np.ndarray] = {}
+    for index, proposal in (proposals or {}).items():
+        index = tuple(int(i) for i in index)
+        if index not in slice_ids or proposal is None:
+            continue
+        array = np.asarray(proposal)
+        if array.shape != labels.shape[len(index) :]:
+            raise ValueError(
+                f"the proposal of {_slice_label(index)} has shape {array.shape}, the labels "
+                f"{labels.shape[len(index) :]}"
+            )
+        checked[index] = array > 0
+    return checked
+
+
+def _history_folder(root: Path, stamp: str) -> Path:
+    base = root / HISTORY_DIR
+    base.mkdir(exist_ok=True)
+    candidate, n = base / stamp, 1
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = base / f"{stamp}-{n}"
+
+
+def _keep(path: Path, history: Path) -> None:
+    """Copy ``path`` into ``history/<its folder name>/`` (never replacing a file there)."""
+    target = history / path.parent.name
+    target.mkdir(exist_ok=True)
+    data = path.read_bytes()
+    atomic_write(target / path.name, lambda fh: fh.write(data), overwrite=False)
+
+
+def _write_new(root: Path, name: str, plan: _Planned, provenance: Any, now: str) -> SavedPair:
+    image_path, mask_path = root / "images" / f"{name}.png", root / "masks" / f"{name}.png"
+    proposal_path = root / PROPOSALS_DIR / f"{name}.png" if plan.proposal is not None else None
+    record_path = root / RECORDS_DIR / f"{name}.json"
+    record = correction_record(
+        image=f"images/{image_path.name}",
+        mask=f"masks/{mask_path.name}",
+        slice_index=plan.slices[0],
+        digest=plan.digest,
+        corrected=plan.mask,
+        proposal=plan.proposal,
+        provenance=provenance,
+        proposal_file=None if proposal_path is None else f"{PROPOSALS_DIR}/{name}.png",
+        time=now,
+    )
     # overwrite=False: refuse to replace a file that appeared since the name was chosen;
-    # the atomic write also means a crash never leaves half a PNG in the training data.
-    atomic_write(path, lambda fh: Image.fromarray(array).save(fh, format="PNG"), overwrite=False)
+    # the atomic writes mean a crash never leaves half a file in the training data.
+    done: list[Path] = []
+    try:
+        files = [(image_path, _png_writer(plan.pixels)), (mask_path, _mask_writer(plan.mask))]
+        if proposal_path is not None and plan.proposal is not None:
+            files.append((proposal_path, _mask_writer(plan.proposal)))
+        files.append((record_path, _json_writer(record)))
+        for path, writer in files:
+            atomic_write(path, writer, overwrite=False)
+            done.append(path)
+    except BaseException:
+        for path in done:  # never an image without its mask, nor a record without its pair
+            path.unlink(missing_ok=True)
+        raise
+    return SavedPair(
+        tuple(plan.slices), image_path, mask_path, "written", record_path, proposal_path
+    )
+
+
+def _update(
+    root: Path,
+    image_path: Path,
+    old_mask: Path | None,
+    plan: _Planned,
+    provenance: Any,
+    now: str,
+    history: Path,
+) -> SavedPair:
+    """Give an existing pair of the same image the new mask, after keeping the old one."""
+    name = image_path.stem
+    mask_path = root / "masks" / f"{name}.png"
+    old_record = root / RECORDS_DIR / f"{name}.json"
+    old_proposal = root / PROPOSALS_DIR / f"{name}.png"
+    for path in (old_mask, old_record, old_proposal):
+        if path is not None and path.is_file():
+            _keep(path, history)
+    proposal_path = old_proposal if plan.proposal is not None else None
+    record = correction_record(
+        image=f"images/{image_path.name}",
+        mask=f"masks/{mask_path.name}",
+        slice_index=plan.slices[0],
+        digest=plan.digest,
+        corrected=plan.mask,
+        proposal=plan.proposal,
+        provenance=provenance,
+        proposal_file=None if proposal_path is None else f"{PROPOSALS_DIR}/{name}.png",
+        previous=history.relative_to(root).as_posix(),
+        time=now,
+    )
+    atomic_write(mask_path, _mask_writer(plan.mask), overwrite=True)
+    if old_mask is not None and old_mask != mask_path:
+        old_mask.unlink(missing_ok=True)  # kept in history; one mask per stem for training
+    if plan.proposal is not None:
+        atomic_write(old_proposal, _mask_writer(plan.proposal), overwrite=True)
+    else:
+        old_proposal.unlink(missing_ok=True)  # kept in history: the record says "unknown"
+    atomic_write(old_record, _json_writer(record), overwrite=True)
+    return SavedPair(
+        tuple(plan.slices), image_path, mask_path, "updated", old_record, proposal_path, history
+    )
 
 
 def save_for_training(
@@ -191,12 +635,25 @@ def save_for_training(
     *,
     rgb: bool,
     slices: Iterable[SliceIndex] | None = None,
-) -> list[tuple[Path, Path]]:
+    duplicates: str = "refuse",
+    proposals: Mapping[SliceIndex, np.ndarray] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> SaveResult:
     """Write image/mask pairs in the ``images/`` + ``masks/`` layout ``training`` reads.
 
     Each 2D slice becomes ``images/<stem>[_zNNN].png`` and ``masks/<stem>[_zNNN].png``
-    (mask: 255 where the label is non-zero, else 0). Existing files are never replaced:
-    if any pair name is taken, the whole batch gets the next free stem (``<stem>-2``...).
+    (mask: 255 where the label is non-zero, else 0), with ``records/<name>.json`` (a
+    :func:`correction_record`) and, when the model's proposal is known,
+    ``proposals/<name>.png``. New pairs never replace a file: if any name is taken, the
+    whole batch gets the next free stem (``<stem>-2``...).
+
+    An image whose pixels are in the dataset already (same :func:`image_digest`, under
+    any name) is never saved twice. With the same mask, nothing is written (the pair is
+    "unchanged"). With another mask, ``duplicates="refuse"`` raises
+    :class:`DuplicateImageError` before anything at all is written;
+    ``duplicates="update"`` first copies the existing pair's mask, record and proposal
+    into ``history/<UTC time>/``, then writes the new ones over them. Slices of one call
+    that show the same image make one pair.
 
     Args:
         image: Image layer data, ``(..., H, W)`` or ``(..., H, W, C)`` when ``rgb``.
@@ -205,13 +662,22 @@ def save_for_training(
         stem: Base file name (sanitised with :func:`safe_stem`).
         rgb: Whether the last axis of ``image`` is colour.
         slices: Which slices to write; all of them when None.
+        duplicates: ``"refuse"`` or ``"update"`` (see above).
+        proposals: The model's foreground per slice (bool ``(H, W)``); a slice without
+            one gets a record whose effort fields are None.
+        provenance: The model run the proposals came from (:data:`PROVENANCE_KEYS`).
 
     Returns:
-        The ``(image_path, mask_path)`` pairs written, in order.
+        A :class:`SaveResult`: the pairs, and which were written, updated or unchanged.
 
     Raises:
-        ValueError: If the shapes do not match or no slice is selected.
+        DuplicateImageError: With ``duplicates="refuse"``, for an image saved before with
+            another mask; nothing was written.
+        ValueError: If the shapes do not match, no slice is selected, or two slices show
+            the same image with different masks.
     """
+    if duplicates not in DUPLICATE_CHOICES:
+        raise ValueError(f"duplicates must be one of {DUPLICATE_CHOICES}, got {duplicates!r}")
     spatial_shape = image.shape[:-1] if rgb else image.shape
     if tuple(labels.shape) != tuple(spatial_shape):
         raise ValueError(
@@ -227,26 +693,73 @@ def save_for_training(
             not 0 <= i < n for i, n in zip(index, spatial_shape, strict=False)
         ):
             raise ValueError(f"slice {index} is outside the stack {spatial_shape[:n_leading]}")
+    slice_ids = [tuple(int(i) for i in index) for index in slice_ids]
+    checked = _check_proposals(proposals, labels, slice_ids)
+    plans = _plan(image, labels, slice_ids, checked)
 
     root = Path(data_dir)
     images_dir, masks_dir = root / "images", root / "masks"
+    saved = _saved_images(images_dir)
+    clashes: list[tuple[SliceIndex, Path, Path | None]] = []
+    for plan in plans:
+        for path in saved.get(plan.digest, []):
+            masks = _same_name_files(masks_dir, path.stem)
+            mask_path = masks[0] if masks else None
+            same = _mask_equals(mask_path, plan.mask)
+            plan.existing.append((path, mask_path, same))
+            if not same:
+                clashes.append((plan.slices[0], path, mask_path))
+    if clashes and duplicates == "refuse":
+        raise DuplicateImageError(_clash_message(root, clashes), clashes)
+
     images_dir.mkdir(parents=True, exist_ok=True)
     masks_dir.mkdir(parents=True, exist_ok=True)
-    base = _free_stem(images_dir, masks_dir, safe_stem(stem), slice_ids)
-    if base != safe_stem(stem):
-        logger.info("pairs named %r exist already in %s; writing %r", stem, root, base)
+    new = [plan for plan in plans if not plan.existing]
+    (root / RECORDS_DIR).mkdir(exist_ok=True)
+    if any(plan.proposal is not None for plan in plans):
+        (root / PROPOSALS_DIR).mkdir(exist_ok=True)
+    base = safe_stem(stem)
+    if new:
+        base = _free_stem(root, base, [plan.slices[0] for plan in new])
+        if base != safe_stem(stem):
+            logger.info("pairs named %r exist already in %s; writing %r", stem, root, base)
 
-    written: list[tuple[Path, Path]] = []
-    for index in slice_ids:
-        name = slice_stem(base, index)
-        image_path, mask_path = images_dir / f"{name}.png", masks_dir / f"{name}.png"
-        mask = (np.asarray(labels[index]) > 0).astype(np.uint8) * 255
-        _write_png_exclusive(image_path, _to_png_array(np.asarray(image[index])))
-        try:
-            _write_png_exclusive(mask_path, mask)
-        except BaseException:
-            image_path.unlink()  # never leave an image without its mask
-            raise
-        written.append((image_path, mask_path))
-    logger.info("saved %d training pair(s) to %s", len(written), root)
-    return written
+    now = datetime.now(timezone.utc)
+    stamp = now.strftime("%Y%m%dT%H%M%S%fZ")
+    history: Path | None = None
+    items: list[SavedPair] = []
+    for plan in plans:
+        if not plan.existing:
+            pair = _write_new(
+                root, slice_stem(base, plan.slices[0]), plan, provenance, now.isoformat()
+            )
+            items.append(pair)
+            continue
+        first: SavedPair | None = None
+        for path, mask_path, same in plan.existing:
+            if same and mask_path is not None:
+                done = SavedPair(tuple(plan.slices), path, mask_path, "unchanged")
+            else:
+                if history is None:
+                    history = _history_folder(root, stamp)
+                done = _update(root, path, mask_path, plan, provenance, now.isoformat(), history)
+            if first is None or (first.status == "unchanged" and done.status == "updated"):
+                first = done
+        assert first is not None
+        items.append(first)
+    result = SaveResult(tuple(items))
+    logger.info("saved to %s: %s", root, result.summary())
+    return result
+
+
+def _clash_message(root: Path, clashes: Sequence[tuple[SliceIndex, Path, Path | None]]) -> str:
+    shown = []
+    for index, path, mask in clashes[:3]:
+        where = path.relative_to(root).as_posix()
+        with_mask = f" with another mask ({mask.relative_to(root).as_posix()})" if mask else ""
+        shown.append(f"{_slice_label(index)} is saved already as {where}{with_mask}")
+    more = f" and {len(clashes) - 3} more" if len(clashes) > 3 else ""
+    return (
+        f"nothing saved: {'; '.join(shown)}{more} in {root}. Update the saved mask, or "
+        "save nothing (a second copy would be a twin in training)"
+    )

@@ -25,18 +25,17 @@ BatchNorm left to re-estimate.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from napari_lvunet._annotations import image_digest
 from napari_lvunet.cancel import CancelToken, check_cancelled
 from napari_lvunet.preprocess import normalize, resize
 
@@ -401,16 +400,16 @@ def parse_weight(text: str) -> float:
 def content_digest(path: str | Path) -> str:
     """SHA-256 of an image's decoded pixels (shape, dtype and values).
 
+    :func:`napari_lvunet._annotations.image_digest`, the digest with which the widget's
+    saving refuses or updates twins, of the pixels training reads.
+
     The same picture saved twice, under two names or in two lossless formats, has one
     digest; so held-out splits can keep copies together.
 
     Raises:
         DatasetError: If the file cannot be decoded.
     """
-    array = np.ascontiguousarray(read_array(Path(path)))
-    h = hashlib.sha256(f"{array.shape}|{array.dtype.str}|".encode())
-    h.update(array.tobytes())
-    return h.hexdigest()
+    return image_digest(read_array(Path(path)))
 
 
 def group_by_content(pairs: Sequence[Pair]) -> list[list[Pair]]:

@@ -1,0 +1,262 @@
+"""Duplicate-safe saving, correction records and the correction-effort trend (issue 11).
+
+No Qt here except the plot test at the end (marked gui); the saving and the records are
+real files in a temporary dataset folder, read back the way training reads them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+from napari_lvunet._annotations import (
+    PAIR_SUFFIXES,
+    DuplicateImageError,
+    image_digest,
+    save_for_training,
+)
+
+PROVENANCE = {
+    "weights_name": "lvunet-kvasir-seg",
+    "weights_sha256": "a" * 64,
+    "threshold": 0.5,
+    "sizing": "auto",
+    "output": "labels",
+}
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (relative name -> bytes): a snapshot to compare."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def _stack(seed: int = 0, n: int = 3, shape: tuple[int, int] = (48, 64)) -> tuple:
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (n, *shape, 3), dtype=np.uint8)
+    labels = np.zeros((n, *shape), dtype=np.int32)
+    labels[:, 10:30, 20:40] = 1
+    return image, labels
+
+
+# ------------------------------------------------------------------ the digest
+
+
+def test_saved_image_digest_is_the_training_split_digest(tmp_path: Path) -> None:
+    """The digest saving compares is the one training's held-out split groups by, for
+    every kind of image the widget saves (RGB, RGBA, grey, float)."""
+    from training.adapt import content_digest, group_by_content
+    from training.data import IMAGE_SUFFIXES, find_pairs
+
+    assert PAIR_SUFFIXES == IMAGE_SUFFIXES
+    rng = np.random.default_rng(1)
+    cases = {
+        "rgb": (rng.integers(0, 256, (40, 50, 3), dtype=np.uint8), True),
+        "rgba": (rng.integers(0, 256, (40, 50, 4), dtype=np.uint8), True),
+        "grey": (rng.integers(0, 256, (40, 50), dtype=np.uint8), False),
+        "float": (rng.normal(size=(40, 50)).astype(np.float32), False),
+    }
+    for stem, (image, rgb) in cases.items():
+        labels = np.zeros(image.shape[:2], np.uint8)
+        (item,) = save_for_training(image, labels, tmp_path, stem, rgb=rgb).items
+        pixels = np.asarray(PILImage.open(item.image))
+        assert content_digest(item.image) == image_digest(pixels)
+        record = json.loads(item.record.read_text())
+        assert record["image_digest"] == content_digest(item.image)
+    assert len(group_by_content(find_pairs(tmp_path))) == 4
+
+
+# ------------------------------------------------------------- duplicate-safe saving
+
+
+def test_same_image_again_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    image, labels = _stack()
+    first = save_for_training(image, labels, tmp_path, "scan", rgb=True)
+    assert [i.status for i in first.items] == ["written"] * 3
+    before = _files(tmp_path)
+
+    changed = labels.copy()
+    changed[1, 0:5, 0:5] = 1
+    # Under another name too: the content decides, not the file name.
+    with pytest.raises(DuplicateImageError, match=r"slice z001 .*images/scan_z001\.png") as err:
+        save_for_training(image, changed, tmp_path, "renamed", rgb=True)
+    assert [(i, p.name) for i, p, _ in err.value.duplicates] == [((1,), "scan_z001.png")]
+    assert isinstance(err.value, ValueError)
+    assert _files(tmp_path) == before  # not a file more, none changed
+
+    # A new slice together with a clashing one: still nothing at all.
+    other, _ = _stack(seed=9, n=1)
+    mixed = np.concatenate([image[1:2], other])
+    with pytest.raises(DuplicateImageError):
+        save_for_training(mixed, changed[[1, 0]], tmp_path, "mixed", rgb=True)
+    assert _files(tmp_path) == before
+
+
+def test_same_image_and_mask_again_is_unchanged(tmp_path: Path) -> None:
+    image, labels = _stack()
+    save_for_training(image, labels, tmp_path, "scan", rgb=True)
+    before = _files(tmp_path)
+    again = save_for_training(image, labels, tmp_path, "scan", rgb=True, duplicates="update")
+    assert [i.status for i in again.items] == ["unchanged"] * 3
+    assert [p.name for p, _ in again] == ["scan_z000.png", "scan_z001.png", "scan_z002.png"]
+    assert "3 unchanged" in again.summary()
+    assert _files(tmp_path) == before
+
+
+def test_update_replaces_the_mask_and_keeps_the_old_one(tmp_path: Path) -> None:
+    from training.data import find_pairs, load_pair
+
+    image, labels = _stack()
+    proposals = {(1,): labels[1] > 0}
+    save_for_training(
+        image, labels, tmp_path, "scan", rgb=True, proposals=proposals, provenance=PROVENANCE
+    )
+    old_mask = (tmp_path / "masks" / "scan_z001.png").read_bytes()
+    old_record = (tmp_path / "records" / "scan_z001.json").read_bytes()
+    old_proposal = (tmp_path / "proposals" / "scan_z001.png").read_bytes()
+
+    changed = labels.copy()
+    changed[1, 0:5, 0:5] = 1
+    result = save_for_training(
+        image, changed, tmp_path, "scan", rgb=True, duplicates="update", slices=[(1,), (2,)]
+    )
+    assert [i.status for i in result.items] == ["updated", "unchanged"]
+    assert "1 existing pair(s) updated (scan_z001.png" in result.summary()
+    (updated, _) = result.items
+    np.testing.assert_array_equal(np.asarray(PILImage.open(updated.mask)), (changed[1] > 0) * 255)
+
+    history = updated.history
+    assert history is not None and history.parent == tmp_path / "history"
+    assert (history / "masks" / "scan_z001.png").read_bytes() == old_mask
+    assert (history / "records" / "scan_z001.json").read_bytes() == old_record
+    assert (history / "proposals" / "scan_z001.png").read_bytes() == old_proposal
+    record = json.loads(updated.record.read_text())
+    assert record["previous"] == history.relative_to(tmp_path).as_posix()
+    # This save had no proposal: the record says unknown, the old proposal is history.
+    assert record["dice"] is None and record["pixels_added"] is None
+    assert not (tmp_path / "proposals" / "scan_z001.png").exists()
+
+    # Training sees three pairs, the new mask, and none of the other folders.
+    pairs = find_pairs(tmp_path)
+    assert [p.stem for p in pairs] == ["scan_z000", "scan_z001", "scan_z002"]
+    _, mask = load_pair(pairs[1])
+    np.testing.assert_array_equal(mask, changed[1] > 0)
+
+    # A second update keeps the first update's mask in a history folder of its own.
+    again = changed.copy()
+    again[1, 40:, 60:] = 1
+    second = save_for_training(
+        image, again, tmp_path, "scan", rgb=True, duplicates="update", slices=[(1,)]
+    )
+    assert second.items[0].history not in (None, history)
+    kept = np.asarray(PILImage.open(second.items[0].history / "masks" / "scan_z001.png"))
+    np.testing.assert_array_equal(kept, (changed[1] > 0) * 255)
+    assert (history / "masks" / "scan_z001.png").read_bytes() == old_mask
+
+
+def test_update_of_a_pair_with_a_tiff_mask_leaves_one_mask(tmp_path: Path) -> None:
+    """A pair put into the folder by hand (TIFF image, TIFF mask) is found by content;
+    its update writes a PNG mask and keeps the TIFF in history, so training still finds
+    exactly one mask for the stem."""
+    from training.data import find_pairs
+
+    image, labels = _stack(n=1)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    PILImage.fromarray(image[0]).save(tmp_path / "images" / "hand.tif")
+    PILImage.fromarray(np.zeros((48, 64), np.uint8)).save(tmp_path / "masks" / "hand.tif")
+    with pytest.raises(DuplicateImageError, match=r"images/hand\.tif"):
+        save_for_training(image[0], labels[0], tmp_path, "again", rgb=True)
+    result = save_for_training(
+        image[0], labels[0], tmp_path, "again", rgb=True, duplicates="update"
+    )
+    (item,) = result.items
+    assert item.status == "updated" and item.mask == tmp_path / "masks" / "hand.png"
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["hand.png"]
+    assert (item.history / "masks" / "hand.tif").is_file()
+    assert [p.stem for p in find_pairs(tmp_path)] == ["hand"]
+
+
+def test_one_image_twice_in_one_save_is_one_pair(tmp_path: Path) -> None:
+    image, labels = _stack()
+    image[2] = image[0]  # a video that holds the same frame twice
+    result = save_for_training(image, labels, tmp_path, "clip", rgb=True)
+    assert [i.slices for i in result.items] == [((0,), (2,)), ((1,),)]
+    assert len(list((tmp_path / "images").iterdir())) == 2
+
+    labels[2, 0:3, 0:3] = 1  # the same frame with two different masks: which one?
+    other = tmp_path / "other"
+    with pytest.raises(ValueError, match="slice z000 and slice z002 show the same image"):
+        save_for_training(image, labels, other, "clip", rgb=True)
+    assert not other.exists()
+
+
+# ------------------------------------------------------------------ the records
+
+
+def test_records_count_the_pixels_corrected_by_hand(tmp_path: Path) -> None:
+    image, _ = _stack(n=2)
+    proposal = np.zeros((48, 64), bool)
+    proposal[10:30, 20:40] = True  # 400 pixels
+    corrected = proposal.copy()
+    corrected[10:30, 20:25] = False  # 100 removed
+    corrected[0:4, 0:10] = True  # 40 added
+    labels = np.stack([corrected, corrected]).astype(np.uint8)
+    result = save_for_training(
+        image,
+        labels,
+        tmp_path,
+        "case",
+        rgb=True,
+        proposals={(0,): proposal},  # slice 1 was not made by the model
+        provenance=PROVENANCE,
+    )
+    first = json.loads(result.items[0].record.read_text())
+    assert first["pixels_added"] == 40 and first["pixels_removed"] == 100
+    assert first["foreground"] == 340 and first["pixels"] == 48 * 64
+    assert first["dice"] == pytest.approx(2 * 300 / (400 + 340), rel=1e-12)
+    assert first["slice"] == [0] and first["image"] == "images/case_z000.png"
+    assert first["proposal"] == "proposals/case_z000.png"
+    for key, value in PROVENANCE.items():
+        assert first[key] == value
+    assert first["time"].endswith("+00:00")
+    saved = np.asarray(PILImage.open(tmp_path / first["proposal"]))
+    np.testing.assert_array_equal(saved, proposal * 255)
+
+    second = json.loads(result.items[1].record.read_text())
+    assert second["pixels_added"] is None and second["pixels_removed"] is None
+    assert second["dice"] is None and second["proposal"] is None
+    assert second["foreground"] == 340  # what is known is still recorded
+    assert result.items[1].proposal is None
+    assert not (tmp_path / "proposals" / "case_z001.png").exists()
+
+
+def test_dice_of_two_empty_masks_is_one_and_bad_proposals_are_refused(tmp_path: Path) -> None:
+    image = np.random.default_rng(3).integers(0, 256, (32, 32), dtype=np.uint8)
+    empty = np.zeros((32, 32), np.uint8)
+    (item,) = save_for_training(
+        image, empty, tmp_path, "blank", rgb=False, proposals={(): empty > 0}
+    ).items
+    record = json.loads(item.record.read_text())
+    assert record["dice"] == 1.0 and record["pixels_added"] == record["pixels_removed"] == 0
+
+    other = tmp_path / "other"
+    with pytest.raises(ValueError, match="proposal of the image has shape"):
+        save_for_training(image, empty, other, "x", rgb=False, proposals={(): np.zeros((8, 8))})
+    with pytest.raises(ValueError, match="duplicates must be one of"):
+        save_for_training(image, empty, other, "x", rgb=False, duplicates="merge")
+    assert not other.exists()
+
+
+def test_new_pairs_never_take_a_name_a_record_holds(tmp_path: Path) -> None:
+    """A record left behind by a pair removed by hand is never overwritten by a new pair."""
+    image, labels = _stack(n=1)
+    (tmp_path / "records").mkdir()
+    stale = tmp_path / "records" / "scan.json"
+    stale.write_text('{"left": "by hand"}')
+    (item,) = save_for_training(image[0], labels[0], tmp_path, "scan", rgb=True).items
+    assert item.image.name == "scan-2.png" and item.record.name == "scan-2.json"
+    assert stale.read_text() == '{"left": "by hand"}'
