@@ -260,3 +260,145 @@ def test_new_pairs_never_take_a_name_a_record_holds(tmp_path: Path) -> None:
     (item,) = save_for_training(image[0], labels[0], tmp_path, "scan", rgb=True).items
     assert item.image.name == "scan-2.png" and item.record.name == "scan-2.json"
     assert stale.read_text() == '{"left": "by hand"}'
+
+
+# ------------------------------------------------------------------ the effort trend
+
+
+def _three_versions(tmp_path: Path) -> tuple[Path, str]:
+    """A dataset saved from the bundled model, a fine-tune and no model (in that order).
+
+    The bundled model's pairs: Dice 1.0 and 0.5; the fine-tune's: 0.8; the third pair
+    was drawn without a proposal.
+    """
+    from napari_lvunet import versions
+
+    bundled = versions.list_versions()[0]
+    data = tmp_path / "data"
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (4, 40, 40, 3), dtype=np.uint8)
+    corrected = np.zeros((40, 40), bool)
+    corrected[0:10, 0:10] = True  # 100 pixels
+    half = np.zeros((40, 40), bool)
+    half[0:10, 0:10] = True
+    half[20:30, 20:30] = True  # proposes 200, 100 of them right: Dice 2*100/300
+    six = np.zeros((40, 40), bool)
+    six[0:10, 0:6] = True  # proposes 60 of the 100: Dice 2*60/160 = 0.75
+    labels = np.stack([corrected] * 4).astype(np.uint8)
+    first = {"weights_name": bundled.name, "weights_sha256": bundled.sha256, "threshold": 0.5}
+    save_for_training(
+        images[:2], labels[:2], data, "a", rgb=True,
+        proposals={(0,): corrected, (1,): half}, provenance=first,
+    )  # fmt: skip
+    tuned = {"weights_name": "my-tune", "weights_sha256": "b" * 64, "threshold": 0.4}
+    save_for_training(
+        images[2], labels[2], data, "b", rgb=True, proposals={(): six}, provenance=tuned
+    )
+    save_for_training(images[3], labels[3], data, "c", rgb=True)
+    return data, bundled.name
+
+
+def test_trend_per_model_version_in_order_of_first_use(tmp_path: Path, monkeypatch) -> None:
+    from napari_lvunet import effort
+
+    monkeypatch.setenv("NAPARI_LVUNET_MODELS", str(tmp_path / "models"))
+    data, bundled = _three_versions(tmp_path)
+    rows = effort.read_records(data)
+    assert [r.image for r in rows] == [
+        "images/a_z000.png",
+        "images/a_z001.png",
+        "images/b.png",
+        "images/c.png",
+    ]
+    trends = effort.trend(rows)
+    assert [(t.label, t.pairs, t.scored) for t in trends] == [
+        (bundled, 2, 2),  # named through versions.list_versions()
+        ("my-tune", 1, 1),  # not a registered version: its weights name
+        (effort.NO_MODEL, 1, 0),
+    ]
+    assert trends[0].mean_dice == pytest.approx((1.0 + 200 / 300) / 2, rel=1e-12)
+    assert trends[1].mean_dice == pytest.approx(0.75, rel=1e-12)
+    assert trends[2].mean_dice is None
+    table = effort.trend_table(trends)
+    assert "0.833" in table and "0.750" in table and effort.NO_MODEL in table
+
+
+def test_effort_csv_has_the_recorded_pixels(tmp_path: Path, monkeypatch) -> None:
+    import csv
+
+    from napari_lvunet import effort
+
+    monkeypatch.setenv("NAPARI_LVUNET_MODELS", str(tmp_path / "models"))
+    data, bundled = _three_versions(tmp_path)
+    out = effort.write_csv(data, tmp_path / "effort.csv")
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert tuple(rows[0]) == effort.CSV_COLUMNS
+    assert [r["version"] for r in rows] == [bundled, bundled, "my-tune", effort.NO_MODEL]
+    assert [r["slice"] for r in rows] == ["z000", "z001", "", ""]
+    for row in rows:
+        record = json.loads((data / row["record"]).read_text())
+        for key in ("pixels_added", "pixels_removed", "foreground", "pixels"):
+            assert row[key] == ("" if record[key] is None else str(record[key]))
+        assert row["dice"] == ("" if record["dice"] is None else repr(record["dice"]))
+    assert rows[1]["pixels_added"] == "0" and rows[1]["pixels_removed"] == "100"
+    assert rows[2]["pixels_added"] == "40" and rows[2]["pixels_removed"] == "0"
+    assert rows[3]["dice"] == rows[3]["pixels_added"] == rows[3]["proposal"] == ""
+    with pytest.raises(FileExistsError):
+        effort.write_csv(data, out)
+    effort.write_csv(data, out, overwrite=True)
+
+
+def test_malformed_records_are_skipped_with_a_warning(tmp_path: Path, caplog) -> None:
+    from napari_lvunet import effort
+
+    data, _ = _three_versions(tmp_path)
+    good = sorted((data / "records").glob("*.json"))
+    bad = {
+        "broken.json": "{not json",
+        "list.json": "[1, 2]",
+        "other.json": json.dumps({"format": "something-else", "time": "x"}),
+        "dice.json": json.dumps({**json.loads(good[0].read_text()), "dice": 2.0}),
+        "count.json": json.dumps({**json.loads(good[0].read_text()), "pixels_added": "40"}),
+        "binary.json": b"\xff\xfe\x00".decode("latin-1"),
+    }
+    for name, text in bad.items():
+        (data / "records" / name).write_text(text, encoding="latin-1")
+    with caplog.at_level("WARNING", logger="napari_lvunet.effort"):
+        rows = effort.read_records(data)
+    assert sorted(r.record for r in rows) == good
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    for name in bad:
+        assert name in warned
+    assert effort.read_records(tmp_path / "nowhere") == []
+
+
+def test_effort_command_line_without_napari_or_torch(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    data, bundled = _three_versions(tmp_path)
+    env = {**os.environ, "NAPARI_LVUNET_MODELS": str(tmp_path / "models")}
+    out = tmp_path / "effort.csv"
+    probe = (
+        "import sys; from napari_lvunet.effort import main; rc = main(sys.argv[1:]); "
+        "assert not {'torch', 'qtpy', 'napari'} & set(sys.modules), 'heavy import'; "
+        "sys.exit(rc)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(data), "--csv", str(out)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split()[:2] == ["model", "version"]
+    assert lines[1].startswith(bundled) and "0.833" in lines[1]
+    assert lines[2].startswith("my-tune") and "0.750" in lines[2]
+    assert out.is_file() and f"wrote 4 row(s) to {out}" in done.stdout
+
+    again = subprocess.run(
+        [sys.executable, "-m", "napari_lvunet.effort", str(data), "--csv", str(out)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert again.returncode == 2 and "--overwrite" in again.stderr
