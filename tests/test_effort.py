@@ -402,3 +402,58 @@ def test_effort_command_line_without_napari_or_torch(tmp_path: Path) -> None:
         capture_output=True, text=True, env=env, timeout=120,
     )  # fmt: skip
     assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+# ------------------------------------------------------------------ the plot
+
+
+def _rgb(image, x: float, y: float) -> tuple[int, int, int]:
+    colour = image.pixelColor(round(x), round(y))
+    return colour.red(), colour.green(), colour.blue()
+
+
+def _colour(name: str) -> tuple[int, int, int]:
+    from qtpy.QtGui import QColor
+
+    colour = QColor(name)
+    return colour.red(), colour.green(), colour.blue()
+
+
+def _count(image, rgb: tuple[int, int, int]) -> int:
+    return sum(
+        _rgb(image, x, y) == rgb for x in range(image.width()) for y in range(image.height())
+    )
+
+
+@pytest.mark.gui
+def test_effort_plot_draws_each_pair_in_its_version_colour(tmp_path: Path, qtbot) -> None:
+    from napari_lvunet._effort_plot import VERSION_COLOURS, EffortPlot
+
+    data, bundled = _three_versions(tmp_path)
+    first, second = _colour(VERSION_COLOURS[0]), _colour(VERSION_COLOURS[1])
+    plot = EffortPlot()
+    qtbot.addWidget(plot)
+    plot.resize(320, 120)
+    plot.refresh(None)
+    empty = plot.grab().toImage()
+    assert _count(empty, first) == _count(empty, second) == 0
+
+    plot.refresh(data)
+    image = plot.grab().toImage()
+    assert image.height() == 120
+    # The bundled model's pairs (Dice 1 and 2/3), then the fine-tune's (0.75).
+    for position, dice, rgb in ((0, 1.0, first), (1, 200 / 300, first), (2, 0.75, second)):
+        point = plot.point_at(position, dice)
+        assert _rgb(image, point.x(), point.y()) == rgb, (position, dice)
+    # Nowhere else in the plot column of a dot: the bundled model never scored 0.25.
+    low = plot.point_at(0, 0.25)
+    assert _rgb(image, low.x(), low.y()) != first
+    # Each version's mean (5/6 for the bundled model) is a line across its dots.
+    mean_y = plot.point_at(0, 5 / 6).y()
+    between = (plot.point_at(0, 0).x() + plot.point_at(1, 0).x()) / 2
+    assert _rgb(image, between, mean_y) == first
+    assert _rgb(image, between, plot.point_at(0, 0.5).y()) != first
+    # The legend names both versions; the pair without a proposal is not a dot.
+    assert [s[0] for s in plot.series] == [bundled, "my-tune"]
+    assert [len(s[2]) for s in plot.series] == [2, 1]
+    assert "1 pair(s) saved without a model proposal" in plot.toolTip()
