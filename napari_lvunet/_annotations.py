@@ -760,6 +760,6 @@ def _clash_message(root: Path, clashes: Sequence[tuple[SliceIndex, Path, Path | 
         shown.append(f"{_slice_label(index)} is saved already as {where}{with_mask}")
     more = f" and {len(clashes) - 3} more" if len(clashes) > 3 else ""
     return (
-        f"nothing saved: {'; '.join(shown)}{more} in {root}. Update the saved mask, or "
-        "save nothing (a second copy would be a twin in training)"
+        f"{'; '.join(shown)}{more} in {root}: update the saved mask, or save nothing "
+        "(a second copy would be a twin in training)"
     )
