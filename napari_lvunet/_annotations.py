@@ -480,6 +480,7 @@ class _Planned:
     digest: str
     proposal: np.ndarray | None
     existing: list[tuple[Path, Path | None, bool]]  # (image, mask, same mask)
+    source: SliceIndex  # the slice whose proposal and model run the record describes
 
 
 def _plan(
@@ -497,7 +498,7 @@ def _plan(
         proposal = proposals.get(index)
         first = plans.get(digest)
         if first is None:
-            plans[digest] = _Planned([index], pixels, mask, digest, proposal, [])
+            plans[digest] = _Planned([index], pixels, mask, digest, proposal, [], index)
             continue
         if not np.array_equal(first.mask, mask):
             raise ValueError(
@@ -505,8 +506,8 @@ def _plan(
                 "image with different masks: save one of them"
             )
         first.slices.append(index)
-        if first.proposal is None:
-            first.proposal = proposal
+        if first.proposal is None and proposal is not None:
+            first.proposal, first.source = proposal, index
     return list(plans.values())
 
 
@@ -556,7 +557,7 @@ def _write_new(root: Path, name: str, plan: _Planned, provenance: Any, now: str)
     record = correction_record(
         image=f"images/{image_path.name}",
         mask=f"masks/{mask_path.name}",
-        slice_index=plan.slices[0],
+        slice_index=plan.source,
         digest=plan.digest,
         corrected=plan.mask,
         proposal=plan.proposal,
@@ -605,7 +606,7 @@ def _update(
     record = correction_record(
         image=f"images/{image_path.name}",
         mask=f"masks/{mask_path.name}",
-        slice_index=plan.slices[0],
+        slice_index=plan.source,
         digest=plan.digest,
         corrected=plan.mask,
         proposal=plan.proposal,
@@ -637,7 +638,7 @@ def save_for_training(
     slices: Iterable[SliceIndex] | None = None,
     duplicates: str = "refuse",
     proposals: Mapping[SliceIndex, np.ndarray] | None = None,
-    provenance: Mapping[str, Any] | None = None,
+    provenance: Mapping[str, Any] | Mapping[SliceIndex, Mapping[str, Any]] | None = None,
 ) -> SaveResult:
     """Write image/mask pairs in the ``images/`` + ``masks/`` layout ``training`` reads.
 
@@ -665,7 +666,9 @@ def save_for_training(
         duplicates: ``"refuse"`` or ``"update"`` (see above).
         proposals: The model's foreground per slice (bool ``(H, W)``); a slice without
             one gets a record whose effort fields are None.
-        provenance: The model run the proposals came from (:data:`PROVENANCE_KEYS`).
+        provenance: The model run the proposals came from (:data:`PROVENANCE_KEYS`),
+            or one such mapping per slice (keyed by slice index: a stack segmented
+            slice by slice, perhaps with different models).
 
     Returns:
         A :class:`SaveResult`: the pairs, and which were written, updated or unchanged.
@@ -731,7 +734,11 @@ def save_for_training(
     for plan in plans:
         if not plan.existing:
             pair = _write_new(
-                root, slice_stem(base, plan.slices[0]), plan, provenance, now.isoformat()
+                root,
+                slice_stem(base, plan.slices[0]),
+                plan,
+                _run_of(provenance, plan),
+                now.isoformat(),
             )
             items.append(pair)
             continue
@@ -742,7 +749,9 @@ def save_for_training(
             else:
                 if history is None:
                     history = _history_folder(root, stamp)
-                done = _update(root, path, mask_path, plan, provenance, now.isoformat(), history)
+                done = _update(
+                    root, path, mask_path, plan, _run_of(provenance, plan), now.isoformat(), history
+                )
             if first is None or (first.status == "unchanged" and done.status == "updated"):
                 first = done
         assert first is not None
@@ -750,6 +759,15 @@ def save_for_training(
     result = SaveResult(tuple(items))
     logger.info("saved to %s: %s", root, result.summary())
     return result
+
+
+def _run_of(provenance: Mapping[Any, Any] | None, plan: _Planned) -> Mapping[str, Any] | None:
+    """The model run of a pair's slice: ``provenance`` itself, or its entry for the slice."""
+    if not provenance:
+        return None
+    if any(isinstance(key, tuple) for key in provenance):
+        return provenance.get(plan.source)
+    return provenance
 
 
 def _clash_message(root: Path, clashes: Sequence[tuple[SliceIndex, Path, Path | None]]) -> str:

@@ -234,6 +234,25 @@ def test_records_count_the_pixels_corrected_by_hand(tmp_path: Path) -> None:
     assert not (tmp_path / "proposals" / "case_z001.png").exists()
 
 
+def test_records_take_each_slices_own_model_run(tmp_path: Path) -> None:
+    """A stack segmented slice by slice, with two models: each record names its own."""
+    image, labels = _stack(n=3)
+    image[2] = image[0]  # slice 2 repeats slice 0, and only slice 2 has a proposal
+    tuned = {**PROVENANCE, "weights_name": "my-tune", "weights_sha256": "b" * 64}
+    result = save_for_training(
+        image,
+        labels,
+        tmp_path,
+        "clip",
+        rgb=True,
+        proposals={(1,): labels[1] > 0, (2,): labels[2] > 0},
+        provenance={(1,): PROVENANCE, (2,): tuned},
+    )
+    first, second = (json.loads(item.record.read_text()) for item in result.items)
+    assert (first["slice"], first["weights_name"], first["dice"]) == ([2], "my-tune", 1.0)
+    assert (second["slice"], second["weights_name"]) == ([1], PROVENANCE["weights_name"])
+
+
 def test_dice_of_two_empty_masks_is_one_and_bad_proposals_are_refused(tmp_path: Path) -> None:
     image = np.random.default_rng(3).integers(0, 256, (32, 32), dtype=np.uint8)
     empty = np.zeros((32, 32), np.uint8)
