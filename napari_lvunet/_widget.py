@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import logging
 import threading
 import warnings
@@ -29,13 +28,10 @@ from magicgui.widgets import (
     CheckBox,
     ComboBox,
     Container,
-    FileEdit,
     FloatSlider,
     Label,
-    LineEdit,
     ProgressBar,
     PushButton,
-    SpinBox,
     TextEdit,
 )
 from napari.layers import Image, Labels
@@ -43,22 +39,23 @@ from napari.qt.threading import create_worker
 from napari.utils.colormaps import DirectLabelColormap
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QEvent, QObject, Qt, Signal
-from qtpy.QtWidgets import QComboBox, QFileDialog, QMessageBox, QSizePolicy
+from qtpy.QtWidgets import QFileDialog, QSizePolicy
 
 from . import weights as weights_mod
 from ._annotations import (
     SliceIndex,
     edited_slices,
-    finetune_command,
     iter_slices,
     layer_axes,
     next_colour,
-    safe_stem,
-    save_for_training,
     slice_digest,
 )
-from ._finetune_job import FinetuneJob, FinetuneResult, FinetuneStep, finetune_argv
-from ._torch import TRAIN_INSTALL, torch_installed
+from ._correct import CorrectSection
+from ._qt_util import ask as _ask_user
+from ._qt_util import compact as _compact
+from ._qt_util import if_alive as _if_alive
+from ._qt_util import real as _real
+from ._retrain import RetrainSection
 from .cancel import Cancelled
 from .inference import Segmenter, default_pool, infer_axes, resolve_device
 
@@ -77,15 +74,6 @@ class _Progress(QObject):
 
     changed = Signal(int, int)
     message = Signal(str)
-
-
-class _JobSignals(QObject):
-    """Carries a fine-tune child's events from its reader thread to the GUI thread."""
-
-    step = Signal(object)  # FinetuneStep
-    done = Signal(object)  # FinetuneResult
-    failed = Signal(str)
-    cancelled = Signal()
 
 
 class _DownloadProgress:
@@ -140,6 +128,8 @@ class _Result:
     probabilities: np.ndarray | None
     device: str
     backend: str
+    weights_name: str = ""
+    weights_sha256: str = ""
 
 
 @dataclass
@@ -151,6 +141,11 @@ class _Track:
     colour: str | None = None  # of a one-label result; None: napari's label colours
     # Each slice's foreground as the model left it: what a correction differs from.
     proposal: dict[SliceIndex, bytes] = field(default_factory=dict)
+    # The same foreground, bit-packed (np.packbits of the flat mask): saved beside a
+    # correction, to measure how much the user had to change.
+    masks: dict[SliceIndex, np.ndarray] = field(default_factory=dict)
+    # How each slice's result was made: model, weights hash, threshold, sizing, output.
+    provenance: dict[SliceIndex, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -162,6 +157,8 @@ class _Replaced:
     data: np.ndarray
     edited: set[SliceIndex]
     proposal: dict[SliceIndex, bytes]
+    masks: dict[SliceIndex, np.ndarray]
+    provenance: dict[SliceIndex, dict[str, Any]]
 
 
 class _Elider(QObject):
@@ -213,14 +210,6 @@ class _ElidedLabel(Label):
         native.setToolTip("\n".join(t for t in (tip, self._tip) if t))
 
 
-def _compact(combo: ComboBox) -> None:
-    """Keep a picker from widening the dock with a long layer or file name."""
-    native = combo.native
-    if isinstance(native, QComboBox):
-        native.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-        native.setMinimumContentsLength(12)
-
-
 class _AxesError(ValueError):
     """The image's axes are ambiguous; the user should pick them under "Axes"."""
 
@@ -229,15 +218,6 @@ def _out_of_memory(err: BaseException) -> bool:
     if isinstance(err, MemoryError):
         return True
     return type(err).__name__ == "OutOfMemoryError" or "out of memory" in str(err).lower()
-
-
-def _real(obj: Any) -> Any:
-    """The object behind napari's ``PublicOnlyProxy``.
-
-    napari hands plugin widgets a proxied viewer, and each access returns a new proxy of a
-    layer; identity checks and weak references need the layer itself.
-    """
-    return getattr(obj, "__wrapped__", obj)
 
 
 def _yx_shape(image: Image) -> tuple[int, ...]:
@@ -249,22 +229,6 @@ def _fit_dtype(layer: Labels, labels: np.ndarray) -> None:
     """Widen a Labels layer's dtype if ``labels`` (e.g. many instances) would overflow it."""
     if labels.size and int(labels.max()) > np.iinfo(layer.data.dtype).max:
         layer.data = layer.data.astype(np.promote_types(layer.data.dtype, labels.dtype))
-
-
-def _if_alive(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Skip a callback that arrives after the widget's Qt side was deleted.
-
-    Worker signals and viewer events can still fire while napari closes; touching a
-    deleted Qt widget then would raise inside the event loop.
-    """
-
-    @functools.wraps(method)
-    def wrapper(self: LVUNetWidget, *args: Any, **kwargs: Any) -> Any:
-        if not self._alive():
-            return None
-        return method(self, *args, **kwargs)
-
-    return wrapper
 
 
 class LVUNetWidget(Container):
@@ -292,13 +256,16 @@ class LVUNetWidget(Container):
         self._progress.changed.connect(self._on_progress)
         self._progress.message.connect(self._on_message)
         self._adding = False  # while the widget adds a layer of its own
-        self._job: FinetuneJob | None = None  # the fine-tune child process, if running
-        self._job_signals = _JobSignals()
-        self._job_signals.step.connect(self._on_finetune_step)
-        self._job_signals.done.connect(self._on_finetuned)
-        self._job_signals.failed.connect(self._on_finetune_failed)
-        self._job_signals.cancelled.connect(self._on_finetune_cancelled)
 
+        # The sections first: the model picker lists the retrain section's versions.
+        self.correct_section = CorrectSection(self)
+        self.corrected = self.correct_section.corrected
+        self.data_dir = self.correct_section.data_dir
+        self.save_button = self.correct_section.save_button
+        self.retrain = RetrainSection(self)
+        self.command = self.retrain.command
+        self.steps = self.retrain.steps
+        self.finetune_button = self.retrain.finetune_button
         self.image = ComboBox(label="Image", choices=self._image_choices)
         self.model = ComboBox(label="Model", choices=self._model_choices)
         self.load_file = PushButton(text="Load weights from file...")
@@ -334,15 +301,8 @@ class LVUNetWidget(Container):
         self.progress = ProgressBar(label="Progress", value=0, min=0, max=1)
         self.status = _ElidedLabel(label="Status", value="ready")
 
-        self.corrected = ComboBox(label="Corrected labels", choices=self._labels_choices)
-        self.data_dir = FileEdit(label="Dataset folder", mode="d")
-        self.save_button = PushButton(text="Save for training")
         self.restore_button = PushButton(text="Restore replaced labels", enabled=False)
         self._replaced: _Replaced | None = None
-        self.command = LineEdit(label="Fine-tune command", value="")
-        self.command.native.setReadOnly(True)
-        self.steps = SpinBox(label="Training steps", min=1, max=100_000, value=100)
-        self.finetune_button = PushButton(text="Fine-tune")
         self.details = TextEdit(label="Messages", value="")
         self.details.native.setReadOnly(True)
         self.details.native.setMaximumHeight(90)
@@ -367,13 +327,9 @@ class LVUNetWidget(Container):
                 self.cancel_button,
                 self.progress,
                 self.status,
-                self.corrected,
-                self.data_dir,
-                self.save_button,
+                self.correct_section,
                 self.restore_button,
-                self.command,
-                self.steps,
-                self.finetune_button,
+                self.retrain,
                 self.details,
             ]
         )
@@ -384,21 +340,19 @@ class LVUNetWidget(Container):
         self.segment_button.changed.connect(self.segment)
         self.cancel_button.changed.connect(self.cancel)
         self.load_file.changed.connect(self._ask_weights_file)
-        self.save_button.changed.connect(self.save_for_training)
         self.restore_button.changed.connect(self.restore_replaced)
         self.outline.changed.connect(self._apply_outline)
         self._add_shortcuts()
         self._add_tooltips()
         for picker in (self.image, self.model, self.corrected):
             _compact(picker)
-        self.finetune_button.changed.connect(self.finetune)
         self.live.changed.connect(self._on_live_toggled)
         self.image.changed.connect(self._on_image_changed)
         self.device.changed.connect(self._on_device_changed)
         self._on_device_changed(self.device.value)
         self._show_stack_controls()
-        self.model.changed.connect(self._update_command)
-        self.data_dir.changed.connect(self._update_command)
+        self.model.changed.connect(self.retrain.update_command)
+        self.data_dir.changed.connect(self.retrain.update_command)
         # The pickers follow the layer list whether or not napari docks this widget.
         for emitter, callback in self._viewer_connections():
             emitter.connect(callback)
@@ -408,8 +362,7 @@ class LVUNetWidget(Container):
             self.native.objectName()
         except RuntimeError:  # deleted with its window: stop listening to the viewer
             self._cancel.set()
-            if self._job is not None:
-                self._job.cancel()
+            self.retrain.cancel()
             for emitter, callback in self._viewer_connections():
                 emitter.disconnect(callback)
             return False
@@ -429,14 +382,15 @@ class LVUNetWidget(Container):
     @property
     def busy(self) -> bool:
         """Whether a Segment, Fine-tune or live-preview job is running."""
-        return self._worker is not None or self._preview_worker is not None or self._job is not None
+        return (
+            self._worker is not None
+            or self._preview_worker is not None
+            or self.retrain.job is not None
+        )
 
     # ----------------------------------------------------------------- pickers
     def _image_choices(self, _widget: ComboBox) -> list[tuple[str, Image]]:
         return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, Image)]
-
-    def _labels_choices(self, _widget: ComboBox) -> list[tuple[str, Labels]]:
-        return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, Labels)]
 
     def _model_choices(self, _widget: ComboBox) -> list[tuple[str, str]]:
         choices = []
@@ -448,6 +402,7 @@ class LVUNetWidget(Container):
             else:
                 where = "will download"
             choices.append((f"{name} ({where})", name))
+        choices.extend(self.retrain.model_choices())
         choices.extend((f"{label} (file)", key) for key, label in self._files.items())
         return choices
 
@@ -526,18 +481,7 @@ class LVUNetWidget(Container):
             self.cancel_button: "Stop the running segmentation or fine-tuning; nothing "
             "half-done is kept.",
             self.progress: "How far the running job is.",
-            self.corrected: "The labels you corrected, to save as training examples.",
-            self.data_dir: "The folder where corrections are saved (images/ and masks/) "
-            "and fine-tuning reads them.",
-            self.save_button: "Save the image and its corrected labels as training pairs "
-            "(Ctrl+Shift+S). Nothing saved before is overwritten.",
             self.restore_button: "Put back the labels that the last 'Overwrite' replaced.",
-            self.command: "The command that fine-tunes outside napari; select and copy it.",
-            self.steps: "How long fine-tuning trains: each step learns from 4 of your "
-            "corrections and 1 shipped image. 100 steps adapt the model to a new centre's "
-            "images in about 6 minutes on a 2-core laptop CPU.",
-            self.finetune_button: "Retrain the chosen model on the saved corrections, in the "
-            "background; the new weights are then chosen.",
             self.details: "Long messages: commands and error details, to read and copy.",
         }
         for control, tip in tips.items():
@@ -616,7 +560,7 @@ class LVUNetWidget(Container):
         self._refresh_models()
         if select:
             self.model.value = key
-        self._update_command()
+        self.retrain.update_command()
         return key
 
     def _ask_weights_file(self) -> None:
@@ -734,7 +678,16 @@ class LVUNetWidget(Container):
         labels, probabilities = out if request.probabilities else (out, None)
         if probabilities is not None and probabilities.ndim > labels.ndim:
             probabilities = 1.0 - probabilities[0]  # multi-class: P(not background)
-        return _Result(request, labels, probabilities, segmenter.device, segmenter.backend)
+        info = segmenter.info  # None only for a bare model, never from the widget's pool
+        return _Result(
+            request,
+            labels,
+            probabilities,
+            segmenter.device,
+            segmenter.backend,
+            weights_name=info.name if info is not None else "",
+            weights_sha256=info.sha256 if info is not None else "",
+        )
 
     def segment(self) -> None:
         """Segment the chosen image layer in a worker (the Segment button).
@@ -742,7 +695,7 @@ class LVUNetWidget(Container):
         With "Overwrite previous result" ticked and corrections in that result, the user
         is asked first; replaced labels are kept for "Restore replaced labels".
         """
-        if self._worker is not None or self._job is not None:
+        if self._worker is not None or self.retrain.job is not None:
             show_warning("LV-UNet is busy: wait for the running job, or press Cancel.")
             return
         try:
@@ -782,8 +735,7 @@ class LVUNetWidget(Container):
     def cancel(self) -> None:
         """Ask the running Segment or Fine-tune job to stop (the Cancel button)."""
         self._cancel.set()
-        if self._job is not None:
-            self._job.cancel()  # SIGTERM; the child stops within a second or is killed
+        self.retrain.cancel()
         self.status.value = "cancelling..."
 
     def _start(self, func: Any, *args: Any, on_returned: Any, status: str) -> None:
@@ -962,7 +914,7 @@ class LVUNetWidget(Container):
             _fit_dtype(target, labels)
             target.data[request.index] = labels
             target.refresh()
-        self._note_proposal(target, request.index)
+        self._note_proposal(target, result)
         if result.probabilities is not None:
             self._show_probabilities(image, request, result.probabilities)
         self.progress.value = self.progress.max
@@ -1004,16 +956,63 @@ class LVUNetWidget(Container):
                 return True
         return False
 
-    def _note_proposal(self, layer: Labels, index: SliceIndex | None) -> None:
-        """Remember what the model wrote into ``layer``, to tell corrections from it."""
+    def _note_proposal(self, layer: Labels, result: _Result) -> None:
+        """Remember what the model wrote into ``layer``, and how, to tell corrections from it."""
+        request = result.request
+        index = request.index
         track = self._tracks[_real(layer)]
         data = layer.data
+        slices = list(iter_slices(data.shape[:-2])) if index is None else [index]
         if index is None:
-            track.proposal = {
-                i: slice_digest(np.asarray(data[i])) for i in iter_slices(data.shape[:-2])
-            }
-        else:
-            track.proposal[index] = slice_digest(np.asarray(data[index]))
+            track.proposal, track.masks, track.provenance = {}, {}, {}
+        made = {
+            "model": request.model_key,
+            "weights_name": result.weights_name,
+            "weights_sha256": result.weights_sha256,
+            "threshold": request.threshold,
+            "sizing": request.sizing,
+            "output": request.output,
+        }
+        for i in slices:
+            current = np.asarray(data[i])
+            track.proposal[i] = slice_digest(current)
+            track.masks[i] = np.packbits(current.reshape(-1) > 0)
+            track.provenance[i] = made
+
+    def proposal_mask(self, layer: Labels, index: SliceIndex | None = None) -> np.ndarray | None:
+        """The model's foreground in ``layer`` as the widget wrote it (before any correction).
+
+        Args:
+            layer: A Labels layer.
+            index: The slice, for a stack; ``None`` (or ``()``) for a 2D layer.
+
+        Returns:
+            A bool ``(H, W)`` array, or None when the widget did not make that layer or slice.
+        """
+        track = self._tracks.get(_real(layer))
+        packed = track.masks.get(tuple(index or ())) if track is not None else None
+        if packed is None:
+            return None
+        shape = layer.data.shape[-2:]
+        return np.unpackbits(packed, count=int(np.prod(shape))).reshape(shape).astype(bool)
+
+    def provenance(self, layer: Labels, index: SliceIndex | None = None) -> dict[str, Any]:
+        """How the widget made a slice of ``layer``: its model, weights and settings.
+
+        Args:
+            layer: A Labels layer.
+            index: The slice; ``None`` for a 2D layer, or for the last slice segmented.
+
+        Returns:
+            ``model``, ``weights_name``, ``weights_sha256``, ``threshold``, ``sizing`` and
+            ``output``; empty for a layer or slice the widget did not make.
+        """
+        track = self._tracks.get(_real(layer))
+        if track is None or not track.provenance:
+            return {}
+        if index is None and () not in track.provenance:
+            return dict(list(track.provenance.values())[-1])
+        return dict(track.provenance.get(tuple(index or ()), {}))
 
     def _keep_replaced(self, layer: Labels, index: SliceIndex | None) -> None:
         """Keep what an overwrite is about to replace, when it holds corrections."""
@@ -1027,6 +1026,8 @@ class LVUNetWidget(Container):
             data=data,
             edited=set(track.edited),
             proposal=dict(track.proposal),
+            masks=dict(track.masks),
+            provenance=dict(track.provenance),
         )
         self.restore_button.enabled = True
         self.restore_button.tooltip = (
@@ -1055,20 +1056,14 @@ class LVUNetWidget(Container):
             layer.refresh()
         track = self._tracks[layer]
         track.edited, track.proposal = kept.edited, kept.proposal
+        track.masks, track.provenance = kept.masks, kept.provenance
         self.status.value = f"restored the replaced labels of {layer.name}"
         show_info(f"LV-UNet: restored the labels of {layer.name!r} that Segment replaced.")
         return True
 
     def _ask(self, title: str, text: str, buttons: tuple[str, ...]) -> str | None:
         """Ask the user; returns the button text chosen, or None for Cancel."""
-        box = QMessageBox(self.native)
-        box.setIcon(QMessageBox.Icon.Question)
-        box.setWindowTitle(title)
-        box.setText(text)
-        chosen = {box.addButton(b, QMessageBox.ButtonRole.AcceptRole): b for b in buttons}
-        box.setDefaultButton(box.addButton(QMessageBox.StandardButton.Cancel))
-        box.exec()
-        return chosen.get(box.clickedButton())
+        return _ask_user(self.native, title, text, buttons)
 
     def _show_probabilities(self, image: Image, request: _Request, probs: np.ndarray) -> None:
         shape = _yx_shape(image)
@@ -1177,7 +1172,7 @@ class LVUNetWidget(Container):
         _fit_dtype(target, result.labels)
         target.data[request.index] = result.labels
         target.refresh()
-        self._note_proposal(target, request.index)
+        self._note_proposal(target, result)
         self.status.value = f"live preview: {target.name}, slice {request.index}"
 
     @_if_alive
@@ -1193,178 +1188,13 @@ class LVUNetWidget(Container):
         self._next_preview()
 
     # --------------------------------------------------- correction -> training
-    def _weights_reference(self) -> str:
-        """What the fine-tune command names as weights: a file path or a registry name."""
-        return self.model.value or ""
-
-    def _update_command(self, _value: Any = None) -> None:
-        folder = self.data_dir.value
-        if folder and str(folder) not in ("", "."):
-            self.command.value = finetune_command(folder, self._weights_reference())
-
     def save_for_training(self) -> list[tuple[Path, Path]]:
-        """Write the image and its corrected labels as training pairs (the button).
-
-        A Labels layer this widget made is saved with the image it was segmented from,
-        whatever the Image picker shows, so a mask is never paired with another image's
-        pixels; a Labels layer the user made is saved with the picked image.
-
-        Returns:
-            The ``(image, mask)`` paths written; empty when nothing was saved.
-        """
-        image, labels = self.image.value, self.corrected.value
-        folder = self.data_dir.value
-        if image is None or labels is None:
-            show_error("Save for training needs an image layer and a Labels layer.")
-            return []
-        if not folder or str(folder) in ("", "."):
-            show_error("Choose a dataset folder to save into first.")
-            return []
-        track = self._tracks.get(_real(labels))
-        if track is not None:
-            source = track.image()
-            if source is None or not any(_real(lay) is source for lay in self.viewer.layers):
-                show_error(
-                    f"Nothing saved: {labels.name!r} was segmented from an image layer that "
-                    "is no longer open; reopen that image, or save a Labels layer of the "
-                    "picked image."
-                )
-                return []
-            if source is not _real(image):
-                show_info(
-                    f"LV-UNet: {labels.name!r} was segmented from {source.name!r}, so it is "
-                    f"saved with {source.name!r}, not with the picked {image.name!r}."
-                )
-                image = source
-        slices = None
-        if image.ndim > 2 and self.scope.value == "slice":
-            slices = [self._displayed_index(image)]
-        if track is not None and not any(
-            self._holds_corrections(labels, index) for index in (slices or [None])
-        ):
-            answer = self._ask(
-                "Save the model's own result?",
-                f"{labels.name!r} is exactly the model's result: it was never corrected. "
-                "Saved as a training pair it teaches the model nothing and repeats its "
-                "mistakes.\n\nCorrect it with napari's brush first, or pick the layer "
-                "you corrected under 'Corrected labels'.",
-                ("Save anyway",),
-            )
-            if answer is None:
-                self.status.value = "nothing saved: the labels were never corrected"
-                return []
-        try:
-            pairs = save_for_training(
-                np.asarray(image.data),
-                np.asarray(labels.data),
-                folder,
-                safe_stem(image.name),
-                rgb=bool(image.rgb),
-                slices=slices,
-            )
-        except (ValueError, OSError) as err:
-            show_error(f"Nothing saved: {err}")
-            return []
-        self._update_command()
-        show_info(
-            f"Saved {len(pairs)} image/mask pair(s) to {folder}. To fine-tune: {self.command.value}"
-        )
-        self.status.value = f"saved {len(pairs)} pair(s)"
-        return pairs
+        """Save the corrected labels as training pairs (see :class:`CorrectSection`)."""
+        return self.correct_section.save_for_training()
 
     def finetune(self) -> None:
-        """Fine-tune the current model on the dataset folder in a child process (the button).
-
-        The child is ``python -m training.finetune ... --progress json``; napari's process
-        never imports torch, and a crash or out-of-memory kill of the child ends as a
-        notification. On success the new weights are added to the model picker and chosen.
-        """
-        if self._worker is not None or self._job is not None:
-            show_warning("LV-UNet is busy: wait for the running job, or press Cancel.")
-            return
-        folder = self.data_dir.value
-        if not folder or str(folder) in ("", ".") or not Path(folder).is_dir():
-            show_error("Choose an existing dataset folder (saved with 'Save for training').")
-            return
-        if self.model.value is None:
-            show_error("No model selected to fine-tune.")
-            return
-        if not torch_installed() or importlib.util.find_spec("training") is None:
-            # The install line goes where it can be read whole and copied, not in a toast.
-            self.command.value = TRAIN_INSTALL
-            self._show_details(
-                "Fine-tuning needs PyTorch and the training package, which are not "
-                f"installed in this Python. Install them with:\n{TRAIN_INSTALL}\n"
-                "then restart napari."
-            )
-            self.status.value = "fine-tuning needs PyTorch"
-            show_error(
-                "Fine-tuning needs PyTorch: copy the install command from the "
-                "'Fine-tune command' field."
-            )
-            return
-        signals = self._job_signals
-        job = FinetuneJob(
-            finetune_argv(folder, self.model.value, steps=int(self.steps.value)),
-            on_progress=signals.step.emit,
-            on_done=signals.done.emit,
-            on_error=signals.failed.emit,
-            on_cancelled=signals.cancelled.emit,
-        )
-        try:
-            job.start()
-        except OSError as err:
-            show_error(f"LV-UNet: fine-tuning could not start: {err}")
-            return
-        self._job = job
-        self.progress.max, self.progress.value = 1, 0
-        self.status.value = f"fine-tuning on {Path(folder).name}: starting..."
-        self._show_details(f"Fine-tuning (process {job.pid}):\n{' '.join(job.argv)}")
-        self.segment_button.enabled = self.finetune_button.enabled = False
-        self.cancel_button.enabled = True
-
-    @_if_alive
-    def _on_finetune_step(self, step: FinetuneStep) -> None:
-        self.progress.max = max(step.total_steps, 1)
-        self.progress.value = min(step.step, self.progress.max)
-        self.status.value = f"fine-tuning: {step.describe()}"
-
-    def _job_ended(self) -> None:
-        self._job = None
-        self.segment_button.enabled = self.finetune_button.enabled = True
-        self.cancel_button.enabled = False
-
-    @_if_alive
-    def _on_finetuned(self, result: FinetuneResult) -> None:
-        self._job_ended()
-        self.progress.value = self.progress.max
-        self.add_weights_file(result.weights)
-        dice = ""
-        if result.heldout_dice_before is not None and result.heldout_dice_after is not None:
-            dice = (
-                f" (held-out Dice {result.heldout_dice_before:.3f} -> "
-                f"{result.heldout_dice_after:.3f})"
-            )
-        self.status.value = f"fine-tuned: {result.weights.name}{dice}"
-        self._show_details(f"Fine-tuned weights{dice}:\n{result.weights}")
-        show_info(f"LV-UNet: fine-tuned weights{dice} saved and selected.")
-
-    @_if_alive
-    def _on_finetune_failed(self, message: str) -> None:
-        self._job_ended()
-        self.status.value = "fine-tuning failed"
-        logger.error("LV-UNet fine-tuning failed: %s", message)
-        self._show_details(message)
-        first_line = message.split("\n", 1)[0]
-        more = " (details in the widget's Messages field)" if "\n" in message else ""
-        show_error(f"LV-UNet: {first_line}{more}")
-
-    @_if_alive
-    def _on_finetune_cancelled(self) -> None:
-        self._job_ended()
-        self.status.value = "cancelled"
-        self._show_details("Fine-tuning cancelled; nothing was written.")
-        show_info("LV-UNet: fine-tuning cancelled; nothing was written.")
+        """Fine-tune on the saved pairs in a child process (see :class:`RetrainSection`)."""
+        self.retrain.finetune()
 
     def _show_details(self, text: str) -> None:
         """Put a long message (a command, an error's details) where it can be read whole."""

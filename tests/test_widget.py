@@ -533,10 +533,21 @@ def test_ambiguous_two_channel_image_asks_for_axes(viewer_widget, qtbot, notes) 
 
 
 @pytest.mark.gui
+def _controls(container):
+    """Every control of the widget, inside its sections too."""
+    from magicgui.widgets import Container
+
+    for control in container:
+        if isinstance(control, Container):
+            yield from _controls(control)
+        else:
+            yield control
+
+
 def test_controls_explain_themselves_and_results_can_be_outlines(viewer_widget, qtbot) -> None:
     """Issue 10 clarity: tooltips everywhere, stack controls only for stacks, outlines."""
     viewer, widget = viewer_widget
-    for control in widget:
+    for control in _controls(widget):
         assert control.tooltip, f"{control.label or control.text!r} has no tooltip"
     assert "Ctrl+Shift+Return" in widget.segment_button.tooltip
     assert "Ctrl+Shift+S" in widget.save_button.tooltip
@@ -744,9 +755,9 @@ def test_finetune_from_widget_selects_new_weights(viewer_widget, qtbot, notes, t
     before = widget.model.value
     statuses: list[str] = []
     # Connected after the widget's own slot: sees the status each step left.
-    widget._job_signals.step.connect(lambda _step: statuses.append(widget.status.value))
+    widget.retrain._signals.step.connect(lambda _step: statuses.append(widget.status.value))
     widget.finetune()
-    job = widget._job
+    job = widget.retrain.job
     assert job is not None and job.pid is not None  # a child process, not a thread here
     assert not widget.segment_button.enabled and widget.cancel_button.enabled
     _wait_idle(qtbot, widget, timeout=300_000)
@@ -785,7 +796,7 @@ def test_finetune_cancel_ends_the_child_and_writes_nothing(viewer_widget, qtbot,
     widget.steps.value = 5000
     before = widget.model.choices
     widget.finetune()
-    job = widget._job
+    job = widget.retrain.job
     qtbot.waitUntil(lambda: widget.status.value.startswith("fine-tuning: epoch"), timeout=300_000)
     t0 = time.monotonic()
     widget.cancel()
@@ -824,15 +835,15 @@ def test_failing_finetune_child_is_a_notification(viewer_widget, qtbot, notes, t
 
 @pytest.mark.gui
 def test_finetune_without_torch_names_the_install_line(viewer_widget, notes, tmp_path, monkeypatch):
-    from napari_lvunet import _widget
+    from napari_lvunet import _retrain
     from napari_lvunet._torch import TRAIN_INSTALL
 
     _viewer, widget = viewer_widget
     widget.data_dir.value = tiny_pairs_folder(tmp_path / "corrections")
     # The probe the widget asks, answering as it does in a core install without torch.
-    monkeypatch.setattr(_widget, "torch_installed", lambda: False)
+    monkeypatch.setattr(_retrain, "torch_installed", lambda: False)
     widget.finetune()
-    assert widget._job is None and not widget.busy
+    assert widget.retrain.job is None and not widget.busy
     assert widget.command.value == TRAIN_INSTALL  # whole, in a field that can be copied
     assert TRAIN_INSTALL in widget.details.value
     (message,) = notes.messages("error")
