@@ -182,6 +182,10 @@ PROPOSALS_DIR = "proposals"  # the model's proposal of each saved pair (0/255 PN
 RECORDS_DIR = "records"  # one JSON correction record per saved pair
 HISTORY_DIR = "history"  # what an update replaced: history/<UTC time>/{masks,records,proposals}
 
+#: The dataset's image digests (hidden: training reads ``images/`` and ``masks/`` only).
+DIGESTS_FILE = ".napari-lvunet-digests.json"
+_DIGESTS_FILE_MAX = 64 * 1024**2
+
 RECORD_FORMAT = "napari-lvunet-correction"
 RECORD_FORMAT_VERSION = 1
 
@@ -334,7 +338,68 @@ def _same_name_files(folder: Path, name: str) -> list[Path]:
     )
 
 
-def _saved_images(images_dir: Path) -> dict[str, list[Path]]:
+class _DigestIndex:
+    """The digests of a dataset's images, kept in :data:`DIGESTS_FILE` beside them.
+
+    ``{file name: [size, mtime_ns, digest]}``: an entry whose file changed size or
+    modification time since, or that is malformed, is recomputed; a damaged index is
+    ignored (and rewritten). Without it, a new session would decode every image of a
+    large dataset on its first save.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / DIGESTS_FILE
+        self.known = self._load()
+        self.changed = False
+
+    def _load(self) -> dict[str, list[Any]]:
+        try:
+            if self.path.stat().st_size > _DIGESTS_FILE_MAX:
+                return {}
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {
+            name: entry
+            for name, entry in data.items()
+            if isinstance(entry, list)
+            and len(entry) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in entry[:2])
+            and isinstance(entry[2], str)
+            and re.fullmatch(r"[0-9a-f]{64}", entry[2])
+        }
+
+    def digest(self, path: Path) -> str:
+        st = path.stat()
+        entry = self.known.get(path.name)
+        if entry is not None and entry[:2] == [st.st_size, st.st_mtime_ns]:
+            return str(entry[2])
+        digest = file_digest(path)
+        self.known[path.name] = [st.st_size, st.st_mtime_ns, digest]
+        self.changed = True
+        return digest
+
+    def add(self, path: Path, digest: str) -> None:
+        """Record the digest of an image just written (no need to decode it again)."""
+        st = path.stat()
+        self.known[path.name] = [st.st_size, st.st_mtime_ns, digest]
+        self.changed = True
+
+    def save(self, present: Iterable[str]) -> None:
+        """Write the index of the images ``present`` (best effort: it is only a cache)."""
+        names = set(present)
+        kept = {name: entry for name, entry in sorted(self.known.items()) if name in names}
+        if not self.changed and kept == self.known:
+            return
+        try:
+            atomic_write(self.path, _json_writer(kept), overwrite=True)
+        except OSError as err:
+            logger.warning("cannot keep the image digests in %s: %s", self.path, err)
+
+
+def _saved_images(images_dir: Path, index: _DigestIndex) -> dict[str, list[Path]]:
     """The dataset's images by :func:`file_digest`; unreadable files are skipped (logged)."""
     found: dict[str, list[Path]] = {}
     if not images_dir.is_dir():
@@ -345,7 +410,7 @@ def _saved_images(images_dir: Path) -> dict[str, list[Path]]:
         if not path.is_file():
             continue
         try:
-            digest = file_digest(path)
+            digest = index.digest(path)
         except (OSError, ValueError) as err:
             logger.warning("cannot compare with %s (%s); it is left as it is", path, err)
             continue
@@ -702,7 +767,8 @@ def save_for_training(
 
     root = Path(data_dir)
     images_dir, masks_dir = root / "images", root / "masks"
-    saved = _saved_images(images_dir)
+    digests = _DigestIndex(root)
+    saved = _saved_images(images_dir, digests)
     clashes: list[tuple[SliceIndex, Path, Path | None]] = []
     for plan in plans:
         for path in saved.get(plan.digest, []):
@@ -740,6 +806,7 @@ def save_for_training(
                 _run_of(provenance, plan),
                 now.isoformat(),
             )
+            digests.add(pair.image, plan.digest)  # what was written: no need to decode it
             items.append(pair)
             continue
         first: SavedPair | None = None
@@ -756,6 +823,7 @@ def save_for_training(
                 first = done
         assert first is not None
         items.append(first)
+    digests.save(p.name for p in images_dir.iterdir() if p.suffix.lower() in PAIR_SUFFIXES)
     result = SaveResult(tuple(items))
     logger.info("saved to %s: %s", root, result.summary())
     return result

@@ -194,6 +194,43 @@ def test_one_image_twice_in_one_save_is_one_pair(tmp_path: Path) -> None:
     assert not other.exists()
 
 
+def test_a_new_session_does_not_decode_the_saved_images_again(tmp_path: Path, monkeypatch) -> None:
+    """The digests are kept beside the dataset (hidden from training); an image changed
+    by hand since is decoded again, and only that one; a damaged index is rebuilt."""
+    from napari_lvunet import _annotations
+
+    image, labels = _stack(n=4)
+    save_for_training(image[:3], labels[:3], tmp_path, "scan", rgb=True)
+    index = tmp_path / _annotations.DIGESTS_FILE
+    assert sorted(json.loads(index.read_text())) == [f"scan_z00{i}.png" for i in range(3)]
+
+    decoded: list[str] = []
+    real = _annotations.read_image
+
+    def counting(path, **kw):
+        decoded.append(Path(path).name)
+        return real(path, **kw)
+
+    monkeypatch.setattr(_annotations, "read_image", counting)
+    _annotations._DIGESTS.clear()  # a new napari session
+    save_for_training(image[3], labels[3], tmp_path, "new", rgb=True)
+    assert decoded == []
+
+    other = np.random.default_rng(5).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    PILImage.fromarray(other).save(tmp_path / "images" / "scan_z001.png")  # by hand
+    _annotations._DIGESTS.clear()
+    with pytest.raises(DuplicateImageError, match="scan_z001"):
+        save_for_training(other, np.zeros((48, 64)), tmp_path, "other", rgb=True)
+    assert decoded == ["scan_z001.png", "scan_z001.png"]  # its digest, then its mask
+
+    index.write_text("{damaged")
+    decoded.clear()
+    _annotations._DIGESTS.clear()
+    save_for_training(image[0], labels[0], tmp_path, "again", rgb=True)  # unchanged
+    assert sorted(set(decoded)) == ["new.png", "scan_z000.png", "scan_z001.png", "scan_z002.png"]
+    assert len(json.loads(index.read_text())) == 4
+
+
 # ------------------------------------------------------------------ the records
 
 
