@@ -121,3 +121,31 @@ def test_score_slices_refuses_a_single_image_and_stops_on_cancel(bundled, polyp_
     cancel.set()
     with pytest.raises(SegmentationCancelled):
         next(scores)
+
+
+def test_score_slices_keeps_scores_not_probability_maps(bundled) -> None:
+    import tracemalloc
+
+    n = 96
+    data = np.random.default_rng(0).integers(0, 256, (n, 512, 512), dtype=np.uint8)
+    foreground(bundled, data[:8], "ZYX")  # warm up the session outside the measurement
+    tracemalloc.start()
+    try:
+        scores = dict(score_slices(bundled, data, "ZYX"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(scores) == n
+    all_maps = n * 512 * 512 * np.dtype(np.float32).itemsize
+    assert peak < all_maps / 2, f"peak {peak / 2**20:.0f} MiB for {all_maps / 2**20:.0f} MiB"
+
+
+def test_uncertainty_and_its_panel_import_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, napari_lvunet.uncertainty, napari_lvunet._uncertain; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -120,20 +120,31 @@ def test_jumps_walk_the_ranking_and_scores_are_cached(
 
 def test_jump_skips_the_slices_painted_in_corrected_labels(panel_setup, qtbot, stack, expected):
     viewer, widget, panel = panel_setup
-    viewer.add_image(stack, name="stack", rgb=True)
+    image = viewer.add_image(stack, name="stack", rgb=True)
+    e0, e1, e2, e3, e4 = (z for (z,) in expected)
+    assert _press(qtbot, panel, viewer) == e0
     widget.segment()
     _idle(qtbot, widget)
+    assert len(panel.scores(image)) == 1  # a Segment run leaves the ranking alone
     labels = viewer.layers["stack labels"]
     widget.corrected.value = labels
-    (first,), (second,), (third,) = expected[:3]
     labels.brush_size = 9
-    labels.paint((first, 100, 100), 7)
-    assert widget.edited_slices(labels) == {(first,)}
-    assert _press(qtbot, panel, viewer) == second
-    assert panel.where.value.startswith(f"slice {second} of 5: ")
-    assert panel.where.value.endswith(", 2nd of 5")  # its place among all slices
-    labels.paint((third, 100, 100), 7)
-    assert _press(qtbot, panel, viewer) not in (first, second, third)
+    labels.paint((e1, 100, 100), 7)
+    assert widget.edited_slices(labels) == {(e1,)}
+    assert _press(qtbot, panel, viewer) == e2  # e0 was shown, e1 is corrected
+    assert panel.where.value.startswith(f"slice {e2} of 5: ")
+    assert panel.where.value.endswith(", 3rd of 5")  # its place among all slices
+    labels.paint((e3, 100, 100), 7)
+    assert _press(qtbot, panel, viewer) == e4
+    # All shown or corrected: the walk starts again, still without the corrected ones.
+    assert _press(qtbot, panel, viewer) == e0
+    assert _press(qtbot, panel, viewer) == e2
+    labels.paint((e0, 100, 100), 7)
+    labels.paint((e2, 100, 100), 7)
+    labels.paint((e4, 100, 100), 7)
+    shown = viewer.dims.current_step[0]
+    assert _press(qtbot, panel, viewer) == shown
+    assert panel.where.value == "all 5 slices are corrected"
 
 
 def test_band_layer_marks_the_uncertain_pixels_of_the_shown_slice(
@@ -230,3 +241,15 @@ def test_panel_is_off_for_single_images_and_drops_scores_on_a_new_model(
     shutil.copy(weights.bundled_dir() / entry.filename, copy)
     widget.add_weights_file(copy)
     assert panel.scores(image) == {}
+
+
+def test_ranks_a_lazy_video_layer(panel_setup, qtbot, segmenter) -> None:
+    from napari_lvunet._sample_data import polyp_video
+
+    viewer, _widget, panel = panel_setup
+    ((video, kwargs, _kind), _truth) = polyp_video()
+    viewer.add_image(video, **kwargs)  # (100, 360, 448, 3), decoded frame by frame
+    expected = rank(dict(score_slices(segmenter, video, "ZYXC")))
+    assert [_press(qtbot, panel, viewer) for _ in range(3)] == [z for (z,) in expected[:3]]
+    assert panel.where.value.startswith(f"slice {expected[2][0]} of 100: ")
+    assert panel.where.value.endswith(", 3rd of 100")
