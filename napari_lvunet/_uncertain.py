@@ -36,7 +36,7 @@ from .uncertainty import SliceIndex, band_limits, foreground, rank, score_slices
 if TYPE_CHECKING:
     from ._widget import LVUNetWidget, _Request
 
-__all__ = ["BAND_COLOUR", "UncertaintyPanel"]
+__all__ = ["BAND_COLOUR", "UncertaintyPanel", "is_band_layer"]
 
 #: Colour of the uncertain band's outline: violet, which no result colour
 #: (``_annotations.RESULT_COLOURS``) uses and which stands apart from red mucosa.
@@ -46,6 +46,9 @@ _NOT_A_STACK = (
     "Only for stacks and videos: a single image has no other slice to go to. "
     "Pick a stack or a video under 'Image'."
 )
+
+# The band layer's metadata key (where it comes from: image, slice, band limits).
+_BAND_KEY = "lvunet_band"
 
 # (weights sha256, threshold, sizing, axes): what a slice's score depends on.
 _Key = tuple[str, float, str, str]
@@ -70,6 +73,14 @@ class _Job:
     data: Any  # the whole stack, read slice by slice in the worker
     axes: str  # the stack's axes, e.g. "ZYX", "TZYXC"
     known: dict[_Key, dict[SliceIndex, float]]  # scores already computed for this image
+
+
+def is_band_layer(layer: Any) -> bool:
+    """Whether ``layer`` is an uncertain-band layer of this panel: never a correction.
+
+    Pickers of labels to save or train on leave it out; it is marked from its creation.
+    """
+    return isinstance(layer, Labels) and _BAND_KEY in layer.metadata
 
 
 def _ordinal(n: int) -> str:
@@ -389,7 +400,7 @@ class UncertaintyPanel(Container):
             return  # a rolled or 3D view shows no single slice of the stack
         index = self._main._displayed_index(image)
         layer = self._band()
-        if layer is not None and layer.metadata.get("lvunet_band", {}).get("slice") != [*index]:
+        if layer is not None and layer.metadata.get(_BAND_KEY, {}).get("slice") != [*index]:
             layer.data = np.zeros_like(layer.data)  # never another slice's band meanwhile
         self._band_pending = (image, index)
         if self._band_worker is None:
@@ -466,6 +477,7 @@ class UncertaintyPanel(Container):
     def _write_band(self, image: Image, request: _Request, band: np.ndarray) -> None:
         low, high = band_limits(request.threshold)
         data = band.astype(np.uint8)
+        where = {"image": image.name, "slice": [*request.index], "low": low, "high": high}
         layer = self._band()
         if layer is None:
             active = self.viewer.layers.selection.active
@@ -477,6 +489,7 @@ class UncertaintyPanel(Container):
                     opacity=1.0,
                     scale=image.scale[-2:],
                     translate=image.translate[-2:],
+                    metadata={_BAND_KEY: where},
                 )
             layer.contour = 1
             self._band_layer = weakref.ref(real(layer))
@@ -486,12 +499,7 @@ class UncertaintyPanel(Container):
             layer.data = data
             layer.name = f"{image.name} uncertain band"
             layer.scale, layer.translate = image.scale[-2:], image.translate[-2:]
-        layer.metadata["lvunet_band"] = {
-            "image": image.name,
-            "slice": [*request.index],
-            "low": low,
-            "high": high,
-        }
+        layer.metadata[_BAND_KEY] = where
 
     def _remove_band(self) -> None:
         layer = self._band()

@@ -153,7 +153,7 @@ def test_band_layer_marks_the_uncertain_pixels_of_the_shown_slice(
     from napari.layers import Labels
 
     from napari_lvunet._annotations import RESULT_COLOURS
-    from napari_lvunet._uncertain import BAND_COLOUR
+    from napari_lvunet._uncertain import BAND_COLOUR, is_band_layer
 
     viewer, widget, panel = panel_setup
     image = viewer.add_image(stack, name="stack", rgb=True, scale=(1, 0.5, 0.5))
@@ -174,6 +174,7 @@ def test_band_layer_marks_the_uncertain_pixels_of_the_shown_slice(
     panel.show_band.value = True
     band = band_of(1)
     assert isinstance(band, Labels) and band.ndim == 2 and band.contour == 1
+    assert is_band_layer(band) and not is_band_layer(image)
     assert tuple(band.scale) == (0.5, 0.5)
     assert band.colormap.color_dict[None] is not None
     assert BAND_COLOUR.lower() not in RESULT_COLOURS
