@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import CheckBox, Container, ProgressBar, PushButton
+from magicgui.widgets import CheckBox, Container, Label, ProgressBar, PushButton
 from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
 from napari.utils.colormaps import DirectLabelColormap
 from napari.utils.notifications import show_error, show_info
+from qtpy.QtWidgets import QSizePolicy
 
 from ._qt_util import if_alive, real
 from .cancel import Cancelled
@@ -101,19 +102,18 @@ def _where(index: SliceIndex, leading: tuple[int, ...]) -> str:
 
 
 class UncertaintyPanel(Container):
-    """ "Next uncertain slice", where it is in the ranking, and "Show uncertain band".
+    """The button "Next uncertain slice", where it went in the ranking, "Show uncertain band".
 
     Args:
-        widget: The dock widget the panel belongs to. The panel reads its ``viewer``,
-            ``image``, ``model``, ``device``, ``threshold``, ``sizing`` and ``corrected``
-            controls, and uses its ``_gather``, ``_segmenter``, ``_displayed_index``,
+        widget: The dock widget the panel belongs to, with its controls made. The panel
+            reads its ``viewer``, ``image``, ``model``, ``threshold``, ``sizing`` and
+            ``corrected`` (and, through ``_gather``, ``device``), and uses its
+            ``_gather``, ``_image_axes``, ``_segmenter``, ``_displayed_index``,
             ``edited_slices``, ``_adding_layer`` and ``_on_error``.
     """
 
     def __init__(self, widget: LVUNetWidget) -> None:
         super().__init__(labels=False)
-        from ._widget import _ElidedLabel  # here: _widget imports this module
-
         self._main = widget
         self.viewer = widget.viewer
         self._states: weakref.WeakKeyDictionary[Image, _ImageState] = weakref.WeakKeyDictionary()
@@ -126,7 +126,9 @@ class UncertaintyPanel(Container):
         self.next_button = PushButton(text="Next uncertain slice")
         self.cancel_button = PushButton(text="Cancel ranking", enabled=False)
         self.progress = ProgressBar(value=0, min=0, max=1, visible=False)
-        self.where = _ElidedLabel(value="")
+        self.where = Label(value="")
+        self.where.native.setWordWrap(True)  # long texts wrap, never widen the dock
+        self.where.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self.show_band = CheckBox(text="Show uncertain band")
         self.extend(
             [self.next_button, self.cancel_button, self.progress, self.where, self.show_band]
@@ -137,14 +139,12 @@ class UncertaintyPanel(Container):
             "already showed you. The first press ranks all slices in the background.",
             self.cancel_button: "Stop ranking the slices.",
             self.progress: "How many slices are ranked.",
+            self.where: "The slice the button showed: its share of uncertain pixels, and its "
+            "place among all slices, most uncertain first.",
             self.show_band: "Outline the pixels of the shown slice that the model is unsure "
             "about (confidence within 0.2 of the threshold): where a correction is most "
             "likely needed.",
         }
-        self._where_tip = (
-            "The slice shown by the button: its share of uncertain pixels, and its place "
-            "among all slices, most uncertain first."
-        )
 
         self.next_button.changed.connect(self.next_uncertain)
         self.cancel_button.changed.connect(self.cancel)
@@ -219,7 +219,6 @@ class UncertaintyPanel(Container):
             control.enabled = stack and (control is not self.next_button or self._worker is None)
         for control, tip in self._tips.items():
             control.tooltip = tip if stack else _NOT_A_STACK
-        self.where._tip = self._where_tip if stack else _NOT_A_STACK
         self.where.value = "" if stack else "only for stacks and videos"
         if not stack:
             self._remove_band()
