@@ -176,7 +176,9 @@ def test_band_layer_marks_the_uncertain_pixels_of_the_shown_slice(
     assert isinstance(band, Labels) and band.ndim == 2 and band.contour == 1
     assert is_band_layer(band) and not is_band_layer(image)
     assert tuple(band.scale) == (0.5, 0.5)
-    assert band.colormap.color_dict[None] is not None
+    from napari.utils.colormaps.standardize_color import transform_color
+
+    np.testing.assert_allclose(band.colormap.color_dict[None], transform_color(BAND_COLOUR)[0])
     assert BAND_COLOUR.lower() not in RESULT_COLOURS
     assert viewer.layers.selection.active is image  # the band never takes the brush
     probs = foreground(segmenter, stack[1], "YXC")
