@@ -3,24 +3,43 @@
 Labels layer -> ``_annotations.save_for_training`` -> dataset folder (``images/`` +
 ``masks/``), which ``training.finetune`` reads. The section never saves the model's own,
 uncorrected result without asking, and never pairs a mask with another image's pixels.
+An image already in the dataset is never saved twice: with another mask the section asks
+whether to update the saved pair (its previous mask is kept in ``history/``) or save
+nothing. Each pair is saved with the model's proposal and a correction record; the
+effort plot under Save shows Dice(proposal, corrected) per pair and model version, and
+"Export effort CSV..." writes them as a table (:mod:`napari_lvunet.effort`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, PushButton
 from napari.layers import Labels
 from napari.utils.notifications import show_error, show_info
+from qtpy.QtWidgets import QFileDialog
 
-from ._annotations import safe_stem, save_for_training
+from . import effort
+from ._annotations import (
+    HISTORY_DIR,
+    DuplicateImageError,
+    SaveResult,
+    SliceIndex,
+    iter_slices,
+    safe_stem,
+    save_for_training,
+)
+from ._effort_plot import EffortPlot
 
 if TYPE_CHECKING:
     from ._widget import LVUNetWidget
 
-__all__ = ["CorrectSection"]
+__all__ = ["UPDATE", "CorrectSection"]
+
+#: The button that lets a save update the pair of an image saved before.
+UPDATE = "Update its mask"
 
 
 class CorrectSection(Container):
@@ -42,25 +61,92 @@ class CorrectSection(Container):
             "reads them."
         )
         self.save_button.tooltip = (
-            "Save the image and its corrected labels as training pairs (Ctrl+Shift+S). "
-            "Nothing saved before is overwritten."
+            "Save the image and its corrected labels as training pairs (Ctrl+Shift+S), "
+            "with the model's proposal and a record of what you corrected. Nothing saved "
+            "before is overwritten; an image saved before is updated only if you agree."
         )
-        self.extend([self.corrected, self.data_dir, self.save_button])
+        self.export_button = PushButton(text="Export effort CSV...")
+        self.export_button.tooltip = (
+            "Write one row per saved pair: the model version, the pixels you added and "
+            "removed, and Dice(proposal, corrected)."
+        )
+        self.effort_plot = EffortPlot()
+        self.extend([self.corrected, self.data_dir, self.save_button, self.export_button])
+        self.native.layout().addWidget(self.effort_plot)  # under Save
         self.save_button.changed.connect(self.save_for_training)
+        self.export_button.changed.connect(lambda: self.export_csv())
+        self.data_dir.changed.connect(self.refresh_effort)
 
     def _labels_choices(self, _widget: ComboBox) -> list[tuple[str, Labels]]:
         layers = self._main.viewer.layers
         return [(layer.name, layer) for layer in layers if isinstance(layer, Labels)]
 
-    def save_for_training(self) -> list[tuple[Path, Path]]:
+    def _folder(self) -> Path | None:
+        folder = self.data_dir.value
+        if not folder or str(folder) in ("", "."):
+            return None
+        return Path(folder)
+
+    def refresh_effort(self, _value: Any = None) -> None:
+        """Redraw the effort plot from the dataset folder's correction records."""
+        folder = self._folder()
+        self.effort_plot.refresh(folder if folder is not None and folder.is_dir() else None)
+
+    def export_csv(self, path: str | Path | None = None) -> Path | None:
+        """Write the dataset's correction effort, one row per pair (the button).
+
+        Args:
+            path: The CSV file; asked with a file dialog when None (which asks before
+                replacing a file).
+
+        Returns:
+            The file written, or None when nothing was.
+        """
+        folder = self._folder()
+        if folder is None or not folder.is_dir():
+            show_error("Choose the dataset folder whose correction effort to export.")
+            return None
+        if path is None:
+            chosen, _filter = QFileDialog.getSaveFileName(
+                self.native, "Export correction effort", str(folder / "effort.csv"), "CSV (*.csv)"
+            )
+            if not chosen:
+                return None
+            path = chosen
+        try:
+            written = effort.write_csv(folder, path, overwrite=True)
+        except OSError as err:
+            show_error(f"Nothing exported: {err}")
+            return None
+        show_info(f"LV-UNet: wrote the correction effort of {folder.name} to {written}.")
+        return written
+
+    def _proposals(
+        self, labels: Labels, slices: list[SliceIndex] | None
+    ) -> tuple[dict[SliceIndex, np.ndarray], dict[SliceIndex, dict[str, Any]]]:
+        """The model's proposal and its run, per slice to save that the widget made."""
+        main = self._main
+        n_leading = np.ndim(labels.data) - 2
+        indices = slices if slices is not None else iter_slices(labels.data.shape[:n_leading])
+        proposals, runs = {}, {}
+        for index in indices:
+            proposal = main.proposal_mask(labels, index or None)
+            if proposal is not None:
+                proposals[index] = proposal
+                runs[index] = main.provenance(labels, index or None)
+        return proposals, runs
+
+    def save_for_training(self) -> SaveResult | list[tuple[Path, Path]]:
         """Write the image and its corrected labels as training pairs (the button).
 
         A Labels layer the widget made is saved with the image it was segmented from,
         whatever the Image picker shows, so a mask is never paired with another image's
-        pixels; a Labels layer the user made is saved with the picked image.
+        pixels; a Labels layer the user made is saved with the picked image. An image in
+        the dataset already with another mask is updated only when the user agrees.
 
         Returns:
-            The ``(image, mask)`` paths written; empty when nothing was saved.
+            The :class:`~napari_lvunet._annotations.SaveResult` (the pairs, and which
+            were written, updated or unchanged); empty when nothing was saved.
         """
         from ._widget import _real
 
@@ -106,22 +192,42 @@ class CorrectSection(Container):
             if answer is None:
                 main.status.value = "nothing saved: the labels were never corrected"
                 return []
-        try:
-            pairs = save_for_training(
+        proposals, runs = self._proposals(labels, slices)
+
+        def save(duplicates: str) -> SaveResult:
+            return save_for_training(
                 np.asarray(image.data),
                 np.asarray(labels.data),
                 folder,
                 safe_stem(image.name),
                 rgb=bool(image.rgb),
                 slices=slices,
+                duplicates=duplicates,
+                proposals=proposals,
+                provenance=runs,
             )
+
+        try:
+            try:
+                result = save("refuse")
+            except DuplicateImageError as err:
+                answer = main._ask(
+                    "Image saved already",
+                    f"This image is in the dataset already: {err}.\n\n'{UPDATE}' gives "
+                    f"the saved pair your mask (its previous mask is kept in "
+                    f"{HISTORY_DIR}/); Cancel saves nothing.",
+                    (UPDATE,),
+                )
+                if answer != UPDATE:
+                    main.status.value = "nothing saved: the image is in the dataset already"
+                    return []
+                result = save("update")
         except (ValueError, OSError) as err:
             show_error(f"Nothing saved: {err}")
             return []
         main.retrain.update_command()
-        show_info(
-            f"Saved {len(pairs)} image/mask pair(s) to {folder}. To fine-tune: "
-            f"{main.retrain.command.value}"
-        )
-        main.status.value = f"saved {len(pairs)} pair(s)"
-        return pairs
+        summary = result.summary()
+        show_info(f"Saved to {folder}: {summary}. To fine-tune: {main.retrain.command.value}")
+        main.status.value = summary
+        self.refresh_effort()
+        return result
