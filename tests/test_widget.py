@@ -463,8 +463,10 @@ def test_resegment_keeps_the_corrected_layer_picked(viewer_widget, qtbot, notes,
     )
     asked = _answer("Save anyway")
     assert len(widget.save_for_training()) == 1 and asked
-    widget.corrected.value = first  # the corrected one saves without a question
-    assert len(widget.save_for_training()) == 1
+    widget.corrected.value = first  # corrected: not that question, but its image is saved
+    asked = _answer("Update its mask")  # already (from `second`): update, never a twin
+    result = widget.save_for_training()
+    assert len(result) == 1 and result.updated and "saved already" in asked[0]
 
 
 @pytest.mark.gui
@@ -634,12 +636,15 @@ def test_save_for_training_from_widget(viewer_widget, qtbot, notes, tmp_path, we
     assert widget.command.value == expected
     assert any(expected in m for m in notes.messages("info"))
 
-    widget.scope.value = "slice"  # only the slice on display; never over the first pairs
-    viewer.dims.set_current_step(0, 2)
+    widget.scope.value = "slice"  # only the slice on display, whose image is saved already:
+    viewer.dims.set_current_step(0, 2)  # asked, it updates that pair (never a twin)
     layer.data[2, 0:9, 0:9] = 1 - np.sign(layer.data[2, 0:9, 0:9])  # corrected too
+    asked = _answer("Update its mask")
     again = widget.save_for_training()
-    assert [p.name for p, _ in again] == ["frames-2_z002.png"]
-    assert len(list((tmp_path / "corrections" / "masks").iterdir())) == 4
+    assert [p.name for p, _ in again] == ["frames_z002.png"] and asked
+    assert [item.status for item in again.items] == ["updated"]
+    np.testing.assert_array_equal(np.asarray(PILImage.open(again[0][1])), (layer.data[2] > 0) * 255)
+    assert len(list((tmp_path / "corrections" / "masks").iterdir())) == 3
 
 
 @pytest.mark.gui
