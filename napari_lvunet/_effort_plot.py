@@ -195,7 +195,7 @@ class EffortPlot(QWidget):
         # Legend: one swatch and "name mean" per version, left to right, on top.
         x = float(_LEFT)
         for series in self._series:
-            mean = "" if series.mean is None else f" {series.mean:.2f}"
+            mean = "" if series.mean is None else f": Dice {series.mean:.2f}"
             entry = metrics.elidedText(f"{series.label}{mean}", Qt.TextElideMode.ElideMiddle, 140)
             width = 10 + metrics.horizontalAdvance(entry) + 10
             if x + width > self.width() - _RIGHT and x > _LEFT:
