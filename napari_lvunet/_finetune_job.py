@@ -12,11 +12,13 @@ naming its kind under ``"event"``:
 
 * ``start``; ``step`` after every optimiser step (``step``, ``total_steps``, ``epoch``,
   ``epochs``, ``loss``, ``elapsed_s``, ``eta_s``); ``eval``;
-* then exactly one of ``done`` (``weights``, ``heldout_dice_before``,
-  ``heldout_dice_after``), ``error`` (``message``) or ``cancelled``.
+* then exactly one of ``done`` (``weights``, the held-out and reference Dice before and
+  after, ``steps``, ``total_steps``, ``resume_step``), ``error`` (``message``) or
+  ``cancelled``.
 
-Exit codes: 0 done, 1 error, 2 usage, 3 cancelled. SIGTERM or SIGINT cancels the child
-within a second and it writes nothing (every file it writes is written atomically).
+Exit codes: 0 done, 1 error, 2 usage (or ``--resume`` refused), 3 cancelled. SIGTERM or
+SIGINT cancels the child within a second; it writes no weights, only (after a step) the
+state that ``--resume`` goes on from, and every file it writes is written atomically.
 
 Exactly one of ``on_done``, ``on_error`` and ``on_cancelled`` is called per job, after
 the child has exited; all callbacks run on the job's reader thread, so a GUI must hand
@@ -91,11 +93,22 @@ def _duration(seconds: float) -> str:
 
 @dataclass(frozen=True)
 class FinetuneResult:
-    """What a finished fine-tune wrote and how it scored on its held-out images."""
+    """What a finished fine-tune wrote and how it scored, before (the start model) and
+    after, on the held-out pairs and on the shipped reference set (``None``: not
+    measured).
+
+    ``resume_step`` is set when training stopped early at its time limit and a resumed
+    run can go on from that step; ``steps`` of ``total_steps`` were trained.
+    """
 
     weights: Path
     heldout_dice_before: float | None
     heldout_dice_after: float | None
+    reference_dice_before: float | None = None
+    reference_dice_after: float | None = None
+    steps: int | None = None
+    total_steps: int | None = None
+    resume_step: int | None = None
 
 
 def finetune_argv(
@@ -105,6 +118,7 @@ def finetune_argv(
     epochs: int | None = None,
     steps: int | None = None,
     out_dir: str | Path | None = None,
+    resume: bool = False,
     extra: Sequence[str] = (),
     python: str | None = None,
 ) -> list[str]:
@@ -117,6 +131,8 @@ def finetune_argv(
         steps: Optimiser steps (the child's default schedule, 100 steps, when both are
             None).
         out_dir: Where the child writes; its default (``<data_dir>/finetuned``) when None.
+        resume: Go on from the state an interrupted run of the same options saved
+            (:func:`napari_lvunet.finetune_events.find_resume`).
         extra: Further ``training.finetune`` options, e.g. ``("--lr", "1e-4")``.
         python: The interpreter; this process's own when None.
     """
@@ -128,11 +144,17 @@ def finetune_argv(
         argv += ["--steps", str(int(steps))]
     if out_dir is not None:
         argv += ["--out", str(out_dir)]
+    if resume:
+        argv.append("--resume")
     return argv + list(extra)
 
 
 def _optional_float(value: Any) -> float | None:
     return None if value is None else float(value)
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def _signal_name(number: int) -> str:
@@ -389,6 +411,11 @@ class FinetuneJob:
                     weights=Path(final["weights"]),
                     heldout_dice_before=_optional_float(final.get("heldout_dice_before")),
                     heldout_dice_after=_optional_float(final.get("heldout_dice_after")),
+                    reference_dice_before=_optional_float(final.get("reference_dice_before")),
+                    reference_dice_after=_optional_float(final.get("reference_dice_after")),
+                    steps=_optional_int(final.get("steps")),
+                    total_steps=_optional_int(final.get("total_steps")),
+                    resume_step=_optional_int(final.get("resume_step")),
                 )
             except (KeyError, TypeError, ValueError):
                 self.error = f"fine-tuning finished but did not say what it wrote: {final!r}"

@@ -203,7 +203,8 @@ def register(
         data_folder: The pairs' folder.
         heldout_dice: ``(before, after)`` or ``{"before", "after"}`` on the held-out
             pairs (default: from the weights' metadata).
-        reference_dice: ``(before, after)`` on the shipped reference set.
+        reference_dice: ``(before, after)`` on the shipped reference set (default:
+            from the weights' metadata).
         base: ``{"name", "sha256"}`` of the model it was fine-tuned from (default:
             ``base_weights`` of the metadata).
         extra: More to record (JSON-serialisable), e.g. the fine-tune's options.
@@ -231,12 +232,19 @@ def register(
         pairs = len(images) or None
     if pairs is not None and (isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 0):
         raise VersionError(f"pairs must be a whole number >= 0, got {pairs!r}")
-    if heldout_dice is None and isinstance(meta.get("metrics"), Mapping):
-        m = meta["metrics"]
-        heldout_dice = {
-            "before": (m.get("heldout_before") or {}).get("dice"),
-            "after": (m.get("heldout_after") or {}).get("dice"),
-        }
+    metrics = meta.get("metrics") if isinstance(meta.get("metrics"), Mapping) else {}
+
+    def recorded(what: str) -> dict[str, Any]:
+        found = {}
+        for key in ("before", "after"):
+            entry = metrics.get(f"{what}_{key}")
+            found[key] = entry.get("dice") if isinstance(entry, Mapping) else None
+        return found
+
+    if heldout_dice is None and metrics:
+        heldout_dice = recorded("heldout")
+    if reference_dice is None and metrics:
+        reference_dice = recorded("reference")
     if base is None:
         raw = meta.get("base_weights") if isinstance(meta.get("base_weights"), Mapping) else {}
         base = {k: raw[k] for k in ("name", "sha256", "checkpoint") if k in raw}

@@ -25,6 +25,7 @@ from napari_lvunet.finetune_events import (
     PREFIX,
     format_event,
     parse_event,
+    read_resume_state,
 )
 from training.finetune import FinetuneCancelled
 
@@ -73,7 +74,7 @@ def _command(folder: Path, weights: Path, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "training.finetune", "--data", str(folder),
         "--weights", str(weights), "--batch-size", "2", "--device", "cpu",
-        "--precision", "fp32", *extra,
+        "--precision", "fp32", "--reference", "none", *extra,
     ]  # fmt: skip
 
 
@@ -102,7 +103,10 @@ def test_json_progress_reports_every_step_then_done(
     folder: Path, start_weights: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    cmd = _command(folder, start_weights, "--epochs", "2", "--out", str(out), "--progress", "json")
+    cmd = _command(
+        folder, start_weights, "--epochs", "2", "--out", str(out), "--progress", "json",
+        "--reference", "shipped",
+    )  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == EXIT_OK, proc.stderr[-3000:]
     events = _events(proc.stdout)
@@ -129,6 +133,22 @@ def test_json_progress_reports_every_step_then_done(
     weights = Path(done["weights"])
     assert weights.is_absolute() and weights.parent == out and weights.is_file()
     assert 0 <= done["heldout_dice_before"] <= 1 and 0 <= done["heldout_dice_after"] <= 1
+    # The forgetting check: the start model and the result on the shipped reference set.
+    from napari_lvunet.weights import load_model
+    from training.evaluate import evaluate_pairs, summarize
+    from training.reference import reference_pairs
+
+    assert (
+        next(e.get("reference_dice") for e in rest if e["event"] == "eval")
+        == (done["reference_dice_before"])
+    )
+    for key, scored in (("before", start_weights), ("after", weights)):
+        loaded = load_model(scored)
+        rows = evaluate_pairs({"m": loaded.model}, reference_pairs(), loaded.train_size)["m"]
+        assert len(rows) == 32
+        assert done[f"reference_dice_{key}"] == pytest.approx(summarize(rows)["dice"], rel=1e-6)
+    assert (done["steps"], done["total_steps"], done["resume_step"]) == (6, 6, None)
+    assert not (out / "resume").exists()  # finished: nothing left to resume
     # The human-readable summary went to stderr.
     assert f"fused weights written to {weights}" in proc.stderr
 
@@ -164,9 +184,19 @@ def test_a_signal_cancels_within_a_second_and_writes_nothing(
     assert code == EXIT_CANCELLED, proc.stderr.read()[-3000:]
     assert _events(rest)[-1] == {"event": "cancelled"}
     assert took < 5.0  # promised: 1 s; generous here for a loaded test machine
-    # Nothing written: no weights, no temporary file, no (empty) output folder.
-    assert _files(tmp_path) == before
-    assert not (folder / "finetuned").exists()
+    # No weights and no temporary file. After a step, the state --resume goes on from
+    # may be there (saved when the loop noticed the signal between steps), complete.
+    out = folder / "finetuned"
+    written = sorted(set(_files(tmp_path)) - set(before))
+    if after == "start":
+        assert written == [] and not out.exists()
+    elif written:
+        (record,) = (out / "resume").glob("*.json")
+        state = read_resume_state(record)
+        assert 1 <= state.step < 1500
+        assert written == sorted(
+            str(p.relative_to(tmp_path)) for p in (out, out / "resume", record, state.tensors)
+        )
 
 
 def test_a_crash_on_bad_data_is_an_error_event_and_exit_1(
@@ -254,3 +284,116 @@ def test_events_parse_on_the_widget_side_without_torch() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(format_event("x", a=[1.5])[len(PREFIX) :]) == {"event": "x", "a": [1.5]}
+
+
+def _tensors_sha256(weights: Path) -> str:
+    from napari_lvunet.weights import read_metadata
+
+    return read_metadata(weights)["tensors_sha256"]
+
+
+def test_resume_after_a_time_limit_goes_on_and_gives_the_same_weights(
+    folder: Path, start_weights: Path, tmp_path: Path
+) -> None:
+    def run(out: Path, *extra: str) -> subprocess.CompletedProcess:
+        cmd = _command(
+            folder, start_weights, "--steps", "8", "--out", str(out), "--progress", "json", *extra
+        )
+        return subprocess.run(
+            cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300
+        )
+
+    whole = run(tmp_path / "whole")
+    assert whole.returncode == EXIT_OK, whole.stderr[-3000:]
+    reference = Path(_events(whole.stdout)[-1]["weights"])
+
+    out = tmp_path / "cut"
+    cut = run(out, "--max-minutes", "0.0005")  # 30 ms: stops after its first step or so
+    assert cut.returncode == EXIT_OK, cut.stderr[-3000:]
+    done = _events(cut.stdout)[-1]
+    k = done["steps"]
+    assert 1 <= k < 8 and done["resume_step"] == k and done["total_steps"] == 8
+    (record,) = (out / "resume").glob("*.json")
+    assert read_resume_state(record).step == k
+
+    # Changed pairs: refused with a one-line message, exit 2, the state kept as it was.
+    mask = folder / "masks" / "c0.png"
+    kept = mask.read_bytes()
+    mask.write_bytes((folder / "masks" / "c1.png").read_bytes())
+    refused = run(out, "--resume")
+    assert refused.returncode == EXIT_USAGE
+    (error,) = [e for e in _events(refused.stdout) if e["event"] == "error"]
+    assert "pairs" in error["message"] and "changed" in error["message"]
+    assert "\n" not in error["message"] and '"event":"step"' not in refused.stdout
+    assert read_resume_state(record).step == k
+    mask.write_bytes(kept)
+
+    resumed = run(out, "--resume")
+    assert resumed.returncode == EXIT_OK, resumed.stderr[-3000:]
+    events = _events(resumed.stdout)
+    assert events[0]["resume_step"] == k
+    assert [e["step"] for e in events if e["event"] == "step"] == list(range(k + 1, 9))
+    final = Path(events[-1]["weights"])
+    assert events[-1]["resume_step"] is None and final != Path(done["weights"])
+    assert _tensors_sha256(final) == _tensors_sha256(reference)  # bit for bit
+    assert not (out / "resume").exists()  # finished: nothing left to resume
+
+
+def test_resume_after_a_crash_and_a_cancel_gives_the_same_weights(
+    folder: Path, start_weights: Path, tmp_path: Path
+) -> None:
+    import threading
+
+    import torch
+
+    from training.finetune import FinetuneResumeError, finetune
+
+    torch.set_num_threads(1)  # as the uninterrupted run below
+    options = dict(steps=12, batch_size=2, device="cpu", precision="fp32", reference=None)
+    reference = finetune(folder, start_weights, tmp_path / "whole", **options)
+
+    out = tmp_path / "cut"
+
+    def crash_at(step: int):
+        def events(name: str, **fields) -> None:
+            if name == "step" and fields["step"] == step:
+                raise RuntimeError("a crash in the middle of training")
+
+        return events
+
+    with pytest.raises(RuntimeError, match="crash"):
+        finetune(folder, start_weights, out, events=crash_at(8), **options)
+    (record,) = (out / "resume").glob("*.json")
+    assert read_resume_state(record).step == 5  # the last periodic save (every 5 steps)
+    assert not list(out.glob("*.safetensors"))
+
+    with pytest.raises(FinetuneResumeError, match=r"lr 0\.0005 \(now 0\.001\)"):
+        finetune(folder, start_weights, out, resume=True, **{**options, "lr": 1e-3})
+    with pytest.raises(FinetuneResumeError, match="nothing to resume"):
+        finetune(folder, start_weights, tmp_path / "elsewhere", resume=True, **options)
+
+    cancel = threading.Event()
+    seen: list[int] = []
+
+    def cancel_at_9(name: str, **fields) -> None:
+        if name == "step":
+            seen.append(fields["step"])
+            if fields["step"] == 9:
+                cancel.set()
+
+    with pytest.raises(FinetuneCancelled, match="goes on from step 9"):
+        finetune(
+            folder, start_weights, out, resume=True, cancel=cancel, events=cancel_at_9, **options
+        )
+    assert seen == [6, 7, 8, 9]
+    assert read_resume_state(record).step == 9  # saved on cancel
+    assert [p.name for p in (out / "resume").iterdir()] == sorted(
+        [record.name, read_resume_state(record).tensors.name]
+    )  # the earlier tensors file is gone
+
+    final = finetune(folder, start_weights, out, resume=True, **options)
+    assert _tensors_sha256(final) == _tensors_sha256(reference)
+    from napari_lvunet.weights import read_metadata
+
+    assert read_metadata(final)["finetune"]["resumed_from_step"] == 9
+    assert not (out / "resume").exists()

@@ -27,6 +27,7 @@ from napari_lvunet._finetune_job import (
     FinetuneStep,
     finetune_argv,
 )
+from napari_lvunet.finetune_events import find_resume
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="signals as on Linux and macOS")
 
@@ -82,6 +83,9 @@ def test_argv() -> None:
         "--progress", "json", "--epochs", "3", "--out", "/o", "--lr", "1e-3",
     ]  # fmt: skip
     assert finetune_argv("/d", "m")[0] == sys.executable
+    assert finetune_argv("/d", "m", steps=7, resume=True, python="py")[-3:] == [
+        "--steps", "7", "--resume",
+    ]  # fmt: skip
 
 
 def test_step_in_plain_words() -> None:
@@ -104,6 +108,10 @@ def test_real_finetune_reports_every_step_and_the_weights(tmp_path, weights_file
     (result,) = rec.done
     assert result.weights.is_file() and result.weights.parent == folder / "finetuned"
     assert 0.0 <= result.heldout_dice_before <= 1.0 and 0.0 <= result.heldout_dice_after <= 1.0
+    # The forgetting check on the shipped reference set, before and after.
+    assert 0.0 <= result.reference_dice_before <= 1.0
+    assert 0.0 <= result.reference_dice_after <= 1.0
+    assert (result.steps, result.total_steps, result.resume_step) == (4, 4, None)
     assert [s.step for s in rec.steps] == [1, 2, 3, 4]
     assert {s.total_steps for s in rec.steps} == {4}
     assert [s.epoch for s in rec.steps] == [1, 1, 2, 2] and rec.steps[-1].epochs == 2
@@ -130,7 +138,15 @@ def test_cancel_stops_a_real_finetune_and_writes_nothing(tmp_path, weights_file)
     assert job.returncode is not None  # the process is gone
     with pytest.raises(ProcessLookupError):
         os.kill(job.pid, 0)
-    assert not (folder / "finetuned").exists() or not any((folder / "finetuned").iterdir())
+    # No weights; at most the complete state that "Resume" goes on from.
+    out = folder / "finetuned"
+    assert not out.exists() or not any(out.glob("*.safetensors"))
+    state = find_resume(folder, weights_file)
+    if state is not None:
+        assert state.tensors.is_file() and 1 <= state.step < state.total_steps
+        assert sorted(p.name for p in out.rglob("*")) == sorted(
+            ["resume", state.path.name, state.tensors.name]
+        )
     assert stopped_after < 5.0, stopped_after
 
 

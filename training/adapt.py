@@ -303,6 +303,28 @@ class MixedBatches:
         """Completed passes over the user's pairs."""
         return self._streams[0].passes
 
+    def state(self) -> tuple[list[dict[str, int | list[int]]], list[torch.Tensor]]:
+        """Where the streams are (JSON-able) and their generators' states, to resume."""
+        return (
+            [{"order": s.order, "passes": s.passes, "pos": s.pos} for s in self._streams],
+            [s.gen.get_state() for s in self._streams],
+        )
+
+    def load_state(self, streams: Sequence[dict], generators: Sequence[torch.Tensor]) -> None:
+        """Go on from a :meth:`state`: the next batches are those that would have followed.
+
+        Raises:
+            ValueError: If the state is of other streams.
+        """
+        if len(streams) != len(self._streams) or len(generators) != len(self._streams):
+            raise ValueError(f"{len(streams)} stream states for {len(self._streams)} streams")
+        for s, saved, gen in zip(self._streams, streams, generators, strict=True):
+            order = [int(i) for i in saved["order"]]
+            if sorted(order) not in ([], list(range(s.n))) or not 0 <= saved["pos"] <= len(order):
+                raise ValueError("a stream state of another set of pairs")
+            s.order, s.passes, s.pos = order, int(saved["passes"]), int(saved["pos"])
+            s.gen.set_state(gen)
+
 
 class _Stream:
     """Indices 0..n-1 in seeded random orders, one order after another, with draw counts."""

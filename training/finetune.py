@@ -32,19 +32,35 @@ images cannot estimate them. The result is written as fused
 ``.safetensors`` that the plugin's "Load weights from file" opens (plus, from a
 checkpoint, an unfused ``.pt`` of the same name to fine-tune again from), under a name
 that neither file has yet; nothing existing is ever overwritten. The output folder is
-checked before the first step; it is created only when the result is written.
+checked before the first step; it is created only when the result or a resume state is
+written.
+
+The forgetting check (``--reference``): the start model and the result are scored on the
+shipped reference set (32 Kvasir-SEG *test* images, :mod:`training.reference`) at their
+original resolution, as the held-out images are; both scores go into the metadata and
+the done event.
 
 Progress (``--progress``): ``bar`` (the default on a terminal) shows a progress bar,
 ``none`` only a line per epoch, and ``json`` writes one ``@lvunet {...}`` event per line
 on stdout (start, a step event after every optimiser step, eval, then done, error or
 cancelled) and everything else on stderr: see :mod:`napari_lvunet.finetune_events`.
 
-SIGTERM and SIGINT (Ctrl-C) cancel: the run stops within a second, writes nothing, and
-exits with code 3. ``--max-minutes`` ends training early at a step boundary and still
+SIGTERM and SIGINT (Ctrl-C) cancel: the run stops within a second, writes no weights,
+and exits with code 3. ``--max-minutes`` ends training early at a step boundary and still
 writes the result.
 
+Resume (``--resume``): every few steps (``RESUME_EVERY``), on cancel when the loop is
+between steps, and at a time-limit stop, the run saves its state in ``OUT/resume/``
+(model and optimiser tensors with safetensors, a JSON record of the step, options, data
+digest and generator states; never a pickle; see
+:mod:`napari_lvunet.finetune_events`). ``--resume`` with the same data, weights, output
+folder and options goes on from the saved step; on the CPU the result is bit for bit
+that of an uninterrupted run (the sampling and augmentation are pure functions of the
+seed and the draw, and every generator's state is restored). It is refused (exit 2)
+when the folder's pairs or the options changed. A finished run removes its state.
+
 Exit codes: 0 done, 1 error (bad data, unusable weights, an unwritable output, a
-diverged loss, a crash), 2 bad command line, 3 cancelled.
+diverged loss, a crash), 2 bad command line or ``--resume`` refused, 3 cancelled.
 
 The napari widget runs this as a child process; :func:`finetune` is the same loop for
 Python callers, with ``events``, ``progress`` and ``cancel``.
@@ -54,6 +70,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import json
 import logging
 import math
 import os
@@ -70,7 +88,22 @@ from typing import Any, TextIO
 import torch
 
 from napari_lvunet.cancel import Cancelled, CancelToken
-from napari_lvunet.finetune_events import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, EventWriter
+from napari_lvunet.finetune_events import (
+    EXIT_CANCELLED,
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_USAGE,
+    RESUME_EVERY,
+    RESUME_FORMAT,
+    RESUME_FORMAT_VERSION,
+    EventWriter,
+    ResumeState,
+    data_digest,
+    default_out_dir,
+    read_resume_state,
+    resume_state_path,
+    start_sha256,
+)
 from napari_lvunet.io import atomic_write
 from napari_lvunet.model import LVUNet, reparameterize_model
 from napari_lvunet.preprocess import normalize
@@ -107,6 +140,7 @@ from .train import TrainingDiverged, autocast_dtype, optimisation_step, select_d
 __all__ = [
     "FinetuneCancelled",
     "FinetuneError",
+    "FinetuneResumeError",
     "SignalCancel",
     "finetune",
     "main",
@@ -125,8 +159,13 @@ class FinetuneError(ValueError):
     """The start weights or options cannot be used; the message says why."""
 
 
+class FinetuneResumeError(FinetuneError):
+    """``resume`` was refused: no state to go on from, or the data or options changed."""
+
+
 class FinetuneCancelled(Cancelled):
-    """Fine-tuning was cancelled through ``cancel``; nothing was written."""
+    """Fine-tuning was cancelled through ``cancel``; no weights were written (the resume
+    state may have been)."""
 
 
 class SignalCancel:
@@ -185,6 +224,13 @@ class SignalCancel:
         if self._commit.acquire(blocking=False):
             self._on_abort()
             os._exit(EXIT_CANCELLED)
+
+    @contextlib.contextmanager
+    def saving(self) -> Iterator[None]:
+        """Hold off the watcher while the resume state is written (even once cancelled:
+        the loop stops at its next check, right after)."""
+        with self._commit:
+            yield
 
     @contextlib.contextmanager
     def committing(self) -> Iterator[None]:
@@ -325,17 +371,40 @@ def _timestamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
 
 
-def _heldout_dice(
+def _mean_dice(
     model: LVUNet,
-    hold: Sequence[Pair],
+    pairs: Sequence[Pair],
     size: tuple[int, int],
     device: torch.device,
     cancel: CancelToken | None,
 ) -> float | None:
-    if not hold:
+    """Per-image mean Dice of ``model`` on ``pairs`` (None without pairs)."""
+    if not pairs:
         return None
-    rows = evaluate_pairs({"m": model}, hold, size, device=device, cancel=cancel)["m"]
+    rows = evaluate_pairs({"m": model}, pairs, size, device=device, cancel=cancel)["m"]
     return summarize(rows)["dice"]
+
+
+def _as_pairs(found: Sequence[Any]) -> list[Pair]:
+    return [Pair(p.stem, p.image, p.mask) for p in found]
+
+
+def _reference_pairs(reference: str | Path | None) -> list[Pair]:
+    """The pairs the forgetting check scores: ``shipped`` (the package's reference set),
+    a folder with images/ and masks/, or none (``None`` or ``"none"``)."""
+    from .reference import reference_pairs
+
+    if reference is None or str(reference) == "none":
+        return []
+    try:
+        if str(reference) == "shipped":
+            return _as_pairs(reference_pairs())
+        return _as_pairs(reference_pairs(reference))
+    except (OSError, ValueError) as err:
+        if str(reference) != "shipped":
+            raise FinetuneError(f"the reference set {reference} is unusable: {err}") from None
+        logger.warning("no reference score: the shipped reference set is unusable (%s)", err)
+        return []
 
 
 def _replay_dataset(
@@ -345,11 +414,174 @@ def _replay_dataset(
     from .reference import replay_pairs
 
     try:
-        pairs = [Pair(p.stem, p.image, p.mask) for p in replay_pairs()]
+        pairs = _as_pairs(replay_pairs())
     except (OSError, ValueError) as err:
         logger.warning("fine-tuning without replay: the replay set is unusable (%s)", err)
         return None
     return CachedSegmentationDataset(pairs, size, augment=augment, seed=seed + 1, cancel=cancel)
+
+
+def _resume_state(
+    state_path: Path | None,
+    weights: str | Path,
+    data_dir: Path,
+    out_dir: Path,
+    options: dict[str, Any],
+    digest: str,
+) -> ResumeState:
+    """The resume state a ``--resume`` run goes on from, checked against this run.
+
+    Raises:
+        FinetuneResumeError: Without a state for these start weights and output folder,
+            or when the data folder's pairs or the options changed since it was saved.
+    """
+    if state_path is None:
+        raise FinetuneResumeError(f"cannot resume: the start weights {weights} cannot be read")
+    try:
+        state = read_resume_state(state_path)
+    except FileNotFoundError:
+        raise FinetuneResumeError(
+            f"nothing to resume: no interrupted fine-tune from {weights} in {out_dir}"
+        ) from None
+    except (OSError, ValueError) as err:
+        raise FinetuneResumeError(f"cannot resume: {err}") from None
+    if state.data_digest != digest:
+        raise FinetuneResumeError(
+            f"cannot resume: the pairs in {data_dir} changed since step {state.step} was "
+            "saved (images or masks added, removed or edited); start a new fine-tune"
+        )
+    changed = sorted(
+        k for k in {*options, *state.options} if options.get(k) != state.options.get(k)
+    )
+    if changed:
+        was = ", ".join(f"{k} {state.options.get(k)!r} (now {options.get(k)!r})" for k in changed)
+        raise FinetuneResumeError(
+            f"cannot resume: the options differ from the interrupted run's: {was}; give "
+            "the same options, or start a new fine-tune"
+        )
+    return state
+
+
+def _save_state(
+    path: Path,
+    record: dict[str, Any],
+    model: LVUNet,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    batches: MixedBatches,
+) -> None:
+    """Write a resume state: the tensors file first, then the JSON record naming it, each
+    atomically; earlier tensors files of this state are removed once the record is in
+    place (so a record always names a complete file)."""
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {
+        f"model.{k}": v.detach().cpu().clone() for k, v in model.state_dict().items()
+    }
+    opt = optimizer.state_dict()
+    extra: dict[str, dict[str, Any]] = {}
+    for index, values in opt["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().clone()
+            else:
+                extra.setdefault(str(index), {})[key] = value
+    streams, generators = batches.state()
+    for i, gen in enumerate(generators):
+        tensors[f"rng.stream.{i}"] = gen
+    tensors["rng.torch"] = torch.get_rng_state()
+    payload = save(tensors)
+    record = {
+        **record,
+        "optimizer": {"param_groups": opt["param_groups"], "state": extra},
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "streams": streams,
+        "tensors": f"{path.stem}-step{record['step']}.safetensors",
+        "tensors_sha256": hashlib.sha256(payload).hexdigest(),
+    }
+    text = json.dumps(record, indent=1, allow_nan=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors_path = path.parent / record["tensors"]
+    atomic_write(tensors_path, lambda f: f.write(payload), overwrite=True)
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")), overwrite=True)
+    for old in path.parent.glob(f"{path.stem}-step*.safetensors"):
+        if old != tensors_path:
+            old.unlink(missing_ok=True)
+
+
+def _restore(
+    state: ResumeState,
+    model: LVUNet,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    batches: MixedBatches,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Load a resume state into the run (tensors with safetensors, never unpickled).
+
+    Returns:
+        ``step``, ``epochs_done``, ``loss_sum``, ``dice_sum``, ``seen`` and ``trained_s``.
+
+    Raises:
+        FinetuneResumeError: If the files do not match each other or this model.
+    """
+    from safetensors.torch import load
+
+    record = state.record
+    payload = state.tensors.read_bytes()
+    if hashlib.sha256(payload).hexdigest() != record["tensors_sha256"]:
+        raise FinetuneResumeError(f"cannot resume: {state.tensors} is damaged (sha256 differs)")
+    try:
+        tensors = load(payload)
+        model.load_state_dict(
+            {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        )
+        saved = record["optimizer"]
+        groups = [
+            {**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in saved["param_groups"]
+        ]
+        per_param: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                per_param.setdefault(int(index), {})[name] = value
+        for index, values in saved["state"].items():
+            per_param.setdefault(int(index), {}).update(values)
+        optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+        scheduler.load_state_dict(record["scheduler"])
+        if scaler.is_enabled() and record["scaler"]:
+            scaler.load_state_dict(record["scaler"])
+        n = len(record["streams"])
+        batches.load_state(record["streams"], [tensors[f"rng.stream.{i}"] for i in range(n)])
+        torch.set_rng_state(tensors["rng.torch"])
+        sums = record["sums"]
+        progress = {
+            "step": state.step,
+            "epochs_done": int(record["epochs_done"]),
+            "loss_sum": float(sums["loss"]),
+            "dice_sum": float(sums["dice"]),
+            "seen": int(sums["seen"]),
+            "trained_s": float(record["trained_s"]),
+        }
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise FinetuneResumeError(
+            f"cannot resume from {state.path}: it does not fit this run ({first})"
+        ) from None
+    model.to(device)
+    return progress
+
+
+def _drop_state(path: Path) -> None:
+    """Remove a resume state (record first, so that a half-removed one is never read)."""
+    path.unlink(missing_ok=True)
+    for old in path.parent.glob(f"{path.stem}-step*.safetensors"):
+        old.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()  # only when empty
 
 
 def _check_options(
@@ -400,6 +632,8 @@ def finetune(
     augment: str = DEFAULT_AUGMENT,
     device: str = "auto",
     precision: str = "auto",
+    resume: bool = False,
+    reference: str | Path | None = "shipped",
 ) -> Path:
     """Fine-tune weights on a folder and write fused weights (see the module docstring).
 
@@ -438,6 +672,13 @@ def finetune(
             ``mild`` (see :data:`training.adapt.AUGMENTS`).
         device: ``auto``, ``cpu``, ``cuda``, ``mps``.
         precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` autocast (see training.train).
+        resume: Go on from the resume state that an interrupted run with the same start
+            weights, output folder, data and options saved (see
+            :mod:`napari_lvunet.finetune_events`); on CPU the result is the same, bit
+            for bit, as that of an uninterrupted run.
+        reference: The forgetting check, scored before and after (in the metadata):
+            ``"shipped"`` (the package's reference set, Kvasir-SEG test images), a
+            folder with ``images/`` and ``masks/``, or ``None`` / ``"none"``.
 
     Returns:
         The path of the fused ``.safetensors`` weights written.
@@ -447,7 +688,9 @@ def finetune(
         FinetuneError: For unusable start weights or options, an output folder that
             cannot be written, or a loss that became NaN or infinite (nothing is
             written).
-        FinetuneCancelled: When ``cancel`` was set (nothing is written).
+        FinetuneResumeError: When ``resume`` is refused (nothing is trained).
+        FinetuneCancelled: When ``cancel`` was set (no weights are written; after at
+            least one step the resume state is).
     """
     try:
         return _finetune(
@@ -469,6 +712,8 @@ def finetune(
             augment=augment,
             device=device,
             precision=precision,
+            resume=resume,
+            reference=reference,
         )
     except FinetuneCancelled:
         raise
@@ -496,6 +741,8 @@ def _finetune(
     augment: str,
     device: str,
     precision: str,
+    resume: bool,
+    reference: str | Path | None,
 ) -> Path:
     _check_options(steps, epochs, lr, batch_size, max_minutes, replay, changed_weight, augment)
     per_epoch_eval = epochs is not None
@@ -510,7 +757,7 @@ def _finetune(
     data_dir = Path(data_dir)
     pairs = find_pairs(data_dir)
     train_pairs, hold = split_heldout(data_dir, pairs, fraction=heldout_fraction, seed=seed)
-    out_dir = Path(out_dir) if out_dir is not None else data_dir / "finetuned"
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(data_dir)
     try:  # before any work: a result that cannot be saved is not worth computing
         check_writable_folder(out_dir)
     except OutputError as err:
@@ -518,6 +765,27 @@ def _finetune(
     per_batch = min(batch_size, len(train_pairs))
     steps_per_epoch = math.ceil(len(train_pairs) / per_batch)
     total_steps, epochs = schedule(len(train_pairs), per_batch, steps=steps, epochs=epochs)
+    options = {
+        "steps": steps,
+        "epochs": epochs if per_epoch_eval else None,
+        "total_steps": total_steps,
+        "lr": lr,
+        "batch_size": batch_size,
+        "replay": replay,
+        "changed_weight": changed_weight,
+        "augment": augment,
+        "seed": seed,
+        "heldout_fraction": heldout_fraction,
+    }
+    digest = data_digest(data_dir)
+    try:
+        start_sha = start_sha256(weights)
+    except OSError:
+        start_sha = None  # unreadable: loading the weights below says why
+    state_path = None if start_sha is None else resume_state_path(out_dir, start_sha)
+    state = None
+    if resume:
+        state = _resume_state(state_path, weights, data_dir, out_dir, options, digest)
     emit(
         "start",
         pairs=len(pairs),
@@ -525,6 +793,7 @@ def _finetune(
         heldout_pairs=len(hold),
         total_steps=total_steps,
         epochs=epochs,
+        **({"resume_step": state.step} if state is not None else {}),
     )
     cancelled("before starting")
     model, size, base = _load_start(weights)
@@ -534,6 +803,7 @@ def _finetune(
     train_ds = CachedSegmentationDataset(train_pairs, size, augment=aug, seed=seed, cancel=cancel)
     replay_ds = _replay_dataset(size, aug, seed, cancel) if replay > 0 else None
     n_replay = replay_count(per_batch, replay) if replay_ds is not None else 0
+    reference_set = _reference_pairs(reference)
 
     model = model.to(dev)
     changed = None
@@ -542,8 +812,13 @@ def _finetune(
         changed = changed_pixels(
             model, train_ds.images, train_ds.masks, size, device=dev, cancel=cancel
         )
-    before = _heldout_dice(model, hold, size, dev, cancel)
-    emit("eval", epoch=0, heldout_dice=before)
+    if state is not None:  # the start model's scores were measured by the first run
+        before = state.record["before"]["heldout"]
+        reference_before = state.record["before"]["reference"]
+    else:
+        before = _mean_dice(model, hold, size, dev, cancel)
+        reference_before = _mean_dice(model, reference_set, size, dev, cancel)
+    emit("eval", epoch=0, heldout_dice=before, reference_dice=reference_before)
     logger.info(
         "fine-tuning on %d images (+%d replay images per step), %d held out (Dice before: %s)",
         len(train_ds),
@@ -566,12 +841,48 @@ def _finetune(
     scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
     after = before
     step = 0
-    t0 = time.monotonic()
-    deadline = None if max_minutes is None else t0 + 60.0 * max_minutes
-    stopped_early = False
     epochs_done = 0
     loss_sum = dice_sum = 0.0
     seen = 0
+    trained_s = 0.0  # training time of earlier runs of a resumed fine-tune
+    if state is not None:
+        progress_state = _restore(state, model, optimizer, scheduler, scaler, batches, dev)
+        step, epochs_done = progress_state["step"], progress_state["epochs_done"]
+        loss_sum, dice_sum = progress_state["loss_sum"], progress_state["dice_sum"]
+        seen, trained_s = progress_state["seen"], progress_state["trained_s"]
+        logger.info("resuming at step %d of %d from %s", step, total_steps, state.path)
+    first_step = step
+    t0 = time.monotonic()
+    deadline = None if max_minutes is None else t0 + 60.0 * max_minutes
+    stopped_early = False
+
+    def save_state() -> Path | None:
+        """Write the resume state after ``step`` (None where it cannot be written)."""
+        if state_path is None or not 0 < step < total_steps:
+            return None
+        record = {
+            "format": RESUME_FORMAT,
+            "format_version": RESUME_FORMAT_VERSION,
+            "step": step,
+            "total_steps": total_steps,
+            "epochs_done": epochs_done,
+            "weights": str(weights),
+            "start_sha256": start_sha,
+            "data_folder": str(data_dir.resolve()),
+            "data_digest": digest,
+            "options": options,
+            "before": {"heldout": before, "reference": reference_before},
+            "sums": {"loss": loss_sum, "dice": dice_sum, "seen": seen},
+            "trained_s": trained_s + time.monotonic() - t0,
+        }
+        saving = cancel.saving() if isinstance(cancel, SignalCancel) else contextlib.nullcontext()
+        try:
+            with saving:
+                _save_state(state_path, record, model, optimizer, scheduler, scaler, batches)
+        except OSError as err:  # resuming is a convenience: training goes on
+            logger.warning("could not save the resume state in %s: %s", state_path.parent, err)
+            return None
+        return state_path
 
     def to_train_mode() -> None:
         model.train()
@@ -583,7 +894,7 @@ def _finetune(
     def close_epoch(epoch: int) -> None:
         nonlocal after, epochs_done, loss_sum, dice_sum, seen
         cancelled(f"after epoch {epoch}")
-        after = _heldout_dice(model, hold, size, dev, cancel)
+        after = _mean_dice(model, hold, size, dev, cancel)
         epochs_done = epoch
         emit("eval", epoch=epoch, heldout_dice=after)
         metrics = {
@@ -604,57 +915,74 @@ def _finetune(
         to_train_mode()
 
     to_train_mode()
-    epoch = 1
-    for index in range(total_steps):
-        epoch = index // steps_per_epoch + 1
-        cancelled(f"in epoch {epoch}")
-        if step and deadline is not None and time.monotonic() >= deadline:
-            stopped_early = True  # at least one step, so that there is a result
-            break
-        x, y, pixels_changed = batches.batch()
-        criterion.set_changed(pixels_changed.to(dev))
-        x, y = normalize(x.to(dev)), y.to(dev)
-        try:
-            loss, dice = optimisation_step(
-                model,
-                x,
-                y,
-                criterion=criterion,
-                optimizer=optimizer,
-                scaler=scaler,
-                dtype=dtype,
+    epoch = max(1, math.ceil(step / steps_per_epoch))
+    try:
+        if per_epoch_eval and step and step % steps_per_epoch == 0 and epochs_done < epoch:
+            close_epoch(epoch)  # the run stopped while it measured this epoch
+        for index in range(first_step, total_steps):
+            epoch = index // steps_per_epoch + 1
+            cancelled(f"in epoch {epoch}")
+            if step > first_step and deadline is not None and time.monotonic() >= deadline:
+                stopped_early = True  # at least one step, so that there is a result
+                break
+            x, y, pixels_changed = batches.batch()
+            criterion.set_changed(pixels_changed.to(dev))
+            x, y = normalize(x.to(dev)), y.to(dev)
+            try:
+                loss, dice = optimisation_step(
+                    model,
+                    x,
+                    y,
+                    criterion=criterion,
+                    optimizer=optimizer,
+                    scaler=scaler,
+                    dtype=dtype,
+                )
+            except TrainingDiverged as err:
+                raise FinetuneError(f"{err}: lower --lr") from None
+            scheduler.step()
+            step += 1
+            loss_sum += loss * len(x)
+            dice_sum += float(dice.sum())
+            seen += len(x)
+            elapsed = time.monotonic() - t0
+            eta = elapsed / (step - first_step) * (total_steps - step)
+            if deadline is not None:
+                eta = min(eta, max(0.0, deadline - time.monotonic()))
+            emit(
+                "step",
+                step=step,
+                total_steps=total_steps,
+                epoch=epoch,
+                epochs=epochs,
+                loss=loss,
+                elapsed_s=round(elapsed, 3),
+                eta_s=round(eta, 3),
             )
-        except TrainingDiverged as err:
-            raise FinetuneError(f"{err}: lower --lr") from None
-        scheduler.step()
-        step += 1
-        loss_sum += loss * len(x)
-        dice_sum += float(dice.sum())
-        seen += len(x)
-        elapsed = time.monotonic() - t0
-        eta = elapsed / step * (total_steps - step)
-        if deadline is not None:
-            eta = min(eta, max(0.0, deadline - time.monotonic()))
-        emit(
-            "step",
-            step=step,
-            total_steps=total_steps,
-            epoch=epoch,
-            epochs=epochs,
-            loss=loss,
-            elapsed_s=round(elapsed, 3),
-            eta_s=round(eta, 3),
-        )
-        if per_epoch_eval and step % steps_per_epoch == 0:
-            close_epoch(epoch)
+            if step % RESUME_EVERY == 0:
+                save_state()
+            if per_epoch_eval and step % steps_per_epoch == 0:
+                close_epoch(epoch)
+    except Cancelled as err:  # FinetuneCancelled, or Cancelled from an evaluation
+        if step > first_step and save_state() is not None:
+            raise FinetuneCancelled(
+                f"fine-tuning cancelled after step {step} of {total_steps}; no weights were "
+                f"written, and --resume goes on from step {step}"
+            ) from err
+        raise FinetuneCancelled(f"fine-tuning {err}; nothing was written") from err
+    resume_step = None
+    if stopped_early and save_state() is not None:
+        resume_step = step
     if seen:  # the last epoch (steps) or the one the time limit cut short
         close_epoch(epoch)
+    reference_after = _mean_dice(model, reference_set, size, dev, cancel)
     if stopped_early:
         logger.warning(
-            "stopped after %d of %d steps: the time limit of %g minutes was reached",
+            "stopped after %d of %d steps: the time limit of %g minutes was reached%s",
             step,
             total_steps,
             max_minutes,
+            "" if resume_step is None else f" (--resume goes on from step {step})",
         )
     model = model.cpu().float().eval()
     stem = f"lvunet-finetuned-{data_dir.resolve().name}-{_timestamp()}"
@@ -678,17 +1006,24 @@ def _finetune(
             "steps": step,
             "total_steps": total_steps,
             **({"stopped_at_time_limit_minutes": max_minutes} if stopped_early else {}),
+            **({"resumed_from_step": first_step} if state is not None else {}),
+            **({"resume_step": resume_step} if resume_step is not None else {}),
         },
         "metrics": {
             "heldout_before": {"dice": before},
             "heldout_after": {"dice": after},
-            "note": "per-image mean Dice on the held-out images, original resolution",
+            "reference_before": {"dice": reference_before},
+            "reference_after": {"dice": reference_after},
+            "note": "per-image mean Dice on the held-out images and on the shipped reference "
+            "set (Kvasir-SEG test images), original resolution",
         },
     }
     commit = cancel.committing() if isinstance(cancel, SignalCancel) else contextlib.nullcontext()
     with commit:
         cancelled("before writing")
         path = _write_result(model, out_dir, stem, metadata, size, data_dir, epochs_done, after)
+    if resume_step is None and state_path is not None:
+        _drop_state(state_path)  # finished: nothing left to resume
     logger.info(
         "held-out Dice %s -> %s; fused weights written to %s",
         before,
@@ -757,8 +1092,9 @@ def _parser() -> argparse.ArgumentParser:
             "A small held-out part reports Dice before and after."
         ),
         epilog=(
-            "Exit codes: 0 done, 1 error, 2 bad command line, 3 cancelled (SIGTERM or "
-            "SIGINT; nothing is written). With --progress json every event is one line "
+            "Exit codes: 0 done, 1 error, 2 bad command line or --resume refused, 3 "
+            "cancelled (SIGTERM or SIGINT; no weights are written, only the resume "
+            "state). With --progress json every event is one line "
             "'@lvunet {json}' on stdout (start, step, eval, done / error / cancelled) and "
             "all other output goes to stderr."
         ),
@@ -825,6 +1161,20 @@ def _parser() -> argparse.ArgumentParser:
         type=number(positive=True),
         metavar="M",
         help="stop training after M minutes (at a step boundary) and write the result",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on from where an interrupted fine-tune (cancelled, stopped at its time "
+        "limit, crashed) with the same --data, --weights, --out and options stopped; "
+        "refused (exit 2) when the pairs or options changed",
+    )
+    p.add_argument(
+        "--reference",
+        default="shipped",
+        metavar="SET",
+        help="the forgetting check scored before and after: 'shipped' (default: the "
+        "package's Kvasir-SEG test images), a folder with images/ and masks/, or 'none'",
     )
     p.add_argument(
         "--progress",
@@ -919,10 +1269,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             augment=args.augment,
             device=args.device,
             precision=args.precision,
+            resume=args.resume,
+            reference=args.reference,
         )
-    except FinetuneCancelled:
+    except FinetuneCancelled as err:
+        if writer is None:
+            say(str(err))
         report_cancelled()
         return EXIT_CANCELLED
+    except FinetuneResumeError as err:
+        fail(str(err))
+        return EXIT_USAGE
     except (DatasetError, FinetuneError, CheckpointError) as err:
         return fail(str(err))
     except (MemoryError, torch.OutOfMemoryError):
@@ -936,17 +1293,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             bar.close()
     from napari_lvunet.weights import read_metadata
 
-    m = read_metadata(path)["metrics"]
+    meta = read_metadata(path)
+    m, run = meta["metrics"], meta["finetune"]
     before, after = m["heldout_before"]["dice"], m["heldout_after"]["dice"]
+    ref_before, ref_after = m["reference_before"]["dice"], m["reference_after"]["dice"]
     if writer is not None:
         writer(
             "done",
             weights=str(path.resolve()),
             heldout_dice_before=before,
             heldout_dice_after=after,
+            reference_dice_before=ref_before,
+            reference_dice_after=ref_after,
+            steps=run["steps"],
+            total_steps=run["total_steps"],
+            resume_step=run.get("resume_step"),
         )
     if before is not None and after is not None:
         say(f"held-out Dice: {before:.4f} before, {after:.4f} after")
+    if ref_before is not None and ref_after is not None:
+        say(f"reference Dice: {ref_before:.4f} before, {ref_after:.4f} after")
     say(f"fused weights written to {path}")
     if path.with_suffix(".pt").is_file():
         say(f"unfused checkpoint (to fine-tune again from): {path.with_suffix('.pt')}")
