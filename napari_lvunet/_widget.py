@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import html
 import logging
 import threading
 import warnings
@@ -51,6 +52,7 @@ from ._annotations import (
     slice_digest,
 )
 from ._correct import CorrectSection
+from ._qt_util import Group, WrappedText
 from ._qt_util import ask as _ask_user
 from ._qt_util import compact as _compact
 from ._qt_util import if_alive as _if_alive
@@ -58,6 +60,7 @@ from ._qt_util import real as _real
 from ._retrain import RetrainSection
 from .cancel import Cancelled
 from .inference import Segmenter, default_pool, infer_axes, resolve_device
+from .model_info import model_info
 
 if TYPE_CHECKING:
     import napari
@@ -239,7 +242,7 @@ class LVUNetWidget(Container):
     """
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
-        super().__init__(labels=True)
+        super().__init__(labels=False)
         self.viewer = napari_viewer
         self._files: dict[str, str] = {}  # model-picker key (a path) -> display name
         self._tracks: weakref.WeakKeyDictionary[Labels, _Track] = weakref.WeakKeyDictionary()
@@ -307,32 +310,54 @@ class LVUNetWidget(Container):
         self.details.native.setReadOnly(True)
         self.details.native.setMaximumHeight(90)
 
-        self.extend(
+        # The model panel: what the chosen model is, from its weights' metadata.
+        self.model_panel = WrappedText(value="")
+        self.about = Group(
+            "About this model",
+            [self.model_panel],
+            labels=False,
+            tooltip="Show or hide what the chosen model segments, what it learnt from, "
+            "how well it scored, its intended use and licence.",
+        )
+        self.about.margins = (0, 0, 0, 0)
+
+        # Four groups a clinician reads top to bottom; Advanced starts folded.
+        self.segment_group = Group(
+            "Segment",
             [
                 self.image,
                 self.model,
-                self.load_file,
-                self.device,
-                self.device_in_use,
+                self.about,
                 self.threshold,
-                self.output,
-                self.sizing,
                 self.scope,
-                self.axes,
-                self.probabilities,
-                self.outline,
-                self.overwrite,
-                self.live,
                 self.segment_button,
                 self.cancel_button,
                 self.progress,
                 self.status,
-                self.correct_section,
-                self.restore_button,
-                self.retrain,
-                self.details,
-            ]
+            ],
         )
+        # "Correct and save": the lead appends further panels here (append goes to the body).
+        self.correct_group = Group("Correct and save", [self.correct_section, self.restore_button])
+        self.retrain_group = Group("Retrain", [self.retrain])
+        self.advanced = Group(
+            "Advanced",
+            [
+                self.device,
+                self.device_in_use,
+                self.sizing,
+                self.axes,
+                self.output,
+                self.probabilities,
+                self.overwrite,
+                self.live,
+                self.outline,
+                self.load_file,
+                self.details,
+            ],
+            expanded=False,
+        )
+        self.extend([self.segment_group, self.correct_group, self.retrain_group, self.advanced])
+        self.advanced.header.native.toggled.connect(self._on_advanced_toggled)
 
         if weights_mod.DEFAULT_MODEL in self.model.choices:
             self.model.value = weights_mod.DEFAULT_MODEL
@@ -352,6 +377,8 @@ class LVUNetWidget(Container):
         self._on_device_changed(self.device.value)
         self._show_stack_controls()
         self.model.changed.connect(self.retrain.update_command)
+        self.model.changed.connect(self._show_model_info)
+        self._show_model_info()
         self.data_dir.changed.connect(self.retrain.update_command)
         # The pickers follow the layer list whether or not napari docks this widget.
         for emitter, callback in self._viewer_connections():
@@ -449,6 +476,27 @@ class LVUNetWidget(Container):
             for choice in self.image.choices:
                 if source is not None and _real(choice) is source:
                     self.image.value = choice
+
+    def _show_model_info(self, _value: Any = None) -> None:
+        """Fill the model panel from the chosen model's metadata (header only, cached)."""
+        key = self.model.value
+        if key is None:
+            self.model_panel.value = "No model chosen."
+            self.model_panel.tooltip = ""
+            return
+        info = model_info(key)
+        self.model_info = info
+        self.model_panel.value = "<br>".join(
+            f"<b>{html.escape(head)}:</b> {html.escape(text)}" for head, text in info.rows
+        )
+        self.model_panel.tooltip = (
+            f"{info.name}, as its weights file describes it (figures are those recorded "
+            "when it was made; none is computed here)."
+        )
+
+    def _on_advanced_toggled(self, expanded: bool) -> None:
+        if expanded:
+            self.advanced.note = ""  # the new message is on show
 
     def _add_tooltips(self) -> None:
         """A plain-words tooltip on every control (what it does, and its shortcut)."""
@@ -702,6 +750,7 @@ class LVUNetWidget(Container):
             request = self._gather()
         except _AxesError as err:
             self.axes.visible = True  # the choice the message points to
+            self.advanced.expanded = True
             self.status.value = "choose the image's axes"
             show_error(str(err))
             return

@@ -559,6 +559,7 @@ def test_controls_explain_themselves_and_results_can_be_outlines(viewer_widget, 
     def shown(control) -> bool:
         return control.native.isVisibleTo(widget.native)
 
+    widget.advanced.expanded = True  # live preview and axes are advanced choices
     viewer.add_image(np.zeros((128, 128), np.uint8), name="flat")
     assert not shown(widget.scope) and not shown(widget.live) and not shown(widget.axes)
     viewer.add_image(np.zeros((3, 128, 128), np.uint8), name="stack")
