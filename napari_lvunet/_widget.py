@@ -58,6 +58,7 @@ from ._qt_util import compact as _compact
 from ._qt_util import if_alive as _if_alive
 from ._qt_util import real as _real
 from ._retrain import RetrainSection
+from ._uncertain import UncertaintyPanel
 from .cancel import Cancelled
 from .inference import Segmenter, default_pool, infer_axes, resolve_device
 from .model_info import model_info
@@ -357,6 +358,9 @@ class LVUNetWidget(Container):
             expanded=False,
         )
         self.extend([self.segment_group, self.correct_group, self.retrain_group, self.advanced])
+        # "Next uncertain slice" for stacks and videos: it reads the pickers made above.
+        self.uncertain = UncertaintyPanel(self)
+        self.correct_group.append(self.uncertain)
         self.advanced.header.native.toggled.connect(self._on_advanced_toggled)
 
         if weights_mod.DEFAULT_MODEL in self.model.choices:
