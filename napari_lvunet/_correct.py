@@ -32,6 +32,7 @@ from ._annotations import (
     save_for_training,
 )
 from ._effort_plot import EffortPlot
+from ._uncertain import is_band_layer
 
 if TYPE_CHECKING:
     from ._widget import LVUNetWidget
@@ -78,8 +79,13 @@ class CorrectSection(Container):
         self.data_dir.changed.connect(self.refresh_effort)
 
     def _labels_choices(self, _widget: ComboBox) -> list[tuple[str, Labels]]:
+        # The uncertain-band layer marks where the model hesitates: never a correction.
         layers = self._main.viewer.layers
-        return [(layer.name, layer) for layer in layers if isinstance(layer, Labels)]
+        return [
+            (layer.name, layer)
+            for layer in layers
+            if isinstance(layer, Labels) and not is_band_layer(layer)
+        ]
 
     def _folder(self) -> Path | None:
         folder = self.data_dir.value

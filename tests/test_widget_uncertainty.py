@@ -175,6 +175,9 @@ def test_band_layer_marks_the_uncertain_pixels_of_the_shown_slice(
     band = band_of(1)
     assert isinstance(band, Labels) and band.ndim == 2 and band.contour == 1
     assert is_band_layer(band) and not is_band_layer(image)
+    # Never offered as the labels to save: it would become a training mask.
+    widget.corrected.reset_choices()
+    assert all(not is_band_layer(choice) for choice in widget.corrected.choices)
     assert tuple(band.scale) == (0.5, 0.5)
     from napari.utils.colormaps.standardize_color import transform_color
 
