@@ -112,7 +112,8 @@ class Group(Container):
         if body is None or widget is body:
             super().insert(key, widget)
             return
-        body.insert(min(max(key, 0), len(body)), widget)
+        # append / extend ask for the group's own end: the body's end.
+        body.insert(len(body) if key >= len(self) else max(key, 0), widget)
 
     @property
     def expanded(self) -> bool:

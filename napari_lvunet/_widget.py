@@ -17,6 +17,7 @@ import functools
 import html
 import logging
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -204,6 +205,9 @@ class _ElidedLabel(Label):
         self._full = str(text)
         if hasattr(self, "_elider"):
             self._show()
+        on_change = getattr(self, "on_change", None)
+        if on_change is not None:
+            on_change(self._full)
 
     def _show(self) -> None:
         native = self.native
@@ -304,6 +308,10 @@ class LVUNetWidget(Container):
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="Progress", value=0, min=0, max=1)
         self.status = _ElidedLabel(label="Status", value="ready")
+        # The last long message (see _show_details), its job, and whether it is earlier.
+        self._details_text = ""
+        self._details_job = False
+        self._details_stale = False
 
         self.restore_button = PushButton(text="Restore replaced labels", enabled=False)
         self._replaced: _Replaced | None = None
@@ -373,6 +381,7 @@ class LVUNetWidget(Container):
         self.outline.changed.connect(self._apply_outline)
         self._add_shortcuts()
         self._add_tooltips()
+        self.status.on_change = self._on_status
         for picker in (self.image, self.model, self.corrected):
             _compact(picker)
         self.live.changed.connect(self._on_live_toggled)
@@ -520,21 +529,22 @@ class LVUNetWidget(Container):
             "or cut into pieces at that scale (keeps detail in large frames). 'auto' "
             "chooses.",
             self.axes: "How to read the image's dimensions, when its shape does not say.",
-            self.scope: "Segment only the slice or frame on screen, or all of them. Move "
-            "between slices with napari's arrow keys.",
+            self.scope: "Segment only the slice or frame on screen, or all of them. Next / "
+            "previous slice: Ctrl+Shift+Right / Left (or Right / Left on the canvas).",
             self.probabilities: "Also add the model's confidence for every pixel as an image.",
             self.outline: "Draw results as outlines instead of filled regions, to see the "
             "tissue beneath.",
             self.overwrite: "Put the new result into the last result layer instead of a new "
             "one. Asks first if you corrected it; 'Restore replaced labels' undoes it.",
-            self.live: "Segment each slice as you move to it (slices you corrected are "
-            "never redrawn).",
+            self.live: "Segment each slice as you move to it with Ctrl+Shift+Right / Left "
+            "or the slider (slices you corrected are never redrawn).",
             self.segment_button: "Segment the chosen image (Ctrl+Shift+Return).",
             self.cancel_button: "Stop the running segmentation or fine-tuning; nothing "
             "half-done is kept.",
             self.progress: "How far the running job is.",
             self.restore_button: "Put back the labels that the last 'Overwrite' replaced.",
-            self.details: "Long messages: commands and error details, to read and copy.",
+            self.details: "Long messages: commands and error details, to read and copy. "
+            "Each starts with its time; one from before a later action is marked 'earlier'.",
         }
         for control, tip in tips.items():
             control.tooltip = tip
@@ -551,11 +561,28 @@ class LVUNetWidget(Container):
         for keys, action in (
             ("Ctrl+Shift+Return", self.segment),
             ("Ctrl+Shift+S", self.save_for_training),
+            ("Ctrl+Shift+Right", functools.partial(self.step_slice, 1)),
+            ("Ctrl+Shift+Left", functools.partial(self.step_slice, -1)),
         ):
             shortcut = QShortcut(QKeySequence(keys), self.native)
             shortcut.setContext(Qt.ShortcutContext.WindowShortcut)
             shortcut.activated.connect(action)
             self._shortcuts.append(shortcut)
+
+    def step_slice(self, delta: int) -> None:
+        """Show the next (``delta`` 1) or previous (-1) slice or frame.
+
+        Ctrl+Shift+Right / Left, which work wherever the focus is in napari's window (napari's
+        own Right / Left arrows do the same, but only while the canvas has the focus). Moves
+        along the slider used last, as napari's arrows do; stops at the first and last.
+        """
+        dims = self.viewer.dims
+        sliders = list(dims.not_displayed)
+        if not sliders:
+            return
+        axis = dims.last_used if dims.last_used in sliders else sliders[-1]
+        step = dims.current_step[axis] + int(delta)
+        dims.set_current_step(axis, min(max(step, 0), dims.nsteps[axis] - 1))
 
     def _apply_outline(self, _value: Any = None) -> None:
         """Filled regions or outlines, for every result layer of this widget."""
@@ -759,6 +786,7 @@ class LVUNetWidget(Container):
             show_error(str(err))
             return
         except ValueError as err:
+            self.status.value = f"not segmented: {err}"
             show_error(str(err))
             return
         target = self._result_layer(request.image) if request.overwrite else None
@@ -829,17 +857,27 @@ class LVUNetWidget(Container):
             self.status.value = "cancelled"
             show_info("LV-UNet: cancelled.")
             return
-        self.status.value = "failed"
         if _out_of_memory(err):
-            show_error(
+            message = (
                 "LV-UNet ran out of memory. Try 'current slice' instead of the whole stack, "
                 "the 'resize' sizing, or the CPU device."
             )
         elif isinstance(err, weights_mod.WeightsError | ValueError | OSError):
-            show_error(f"LV-UNet: {err}")
+            message = f"LV-UNet: {err}"
         else:
             logger.error("LV-UNet job failed", exc_info=err)
-            show_error(f"LV-UNet failed: {type(err).__name__}: {err}")
+            message = f"LV-UNet failed: {type(err).__name__}: {err}"
+        self.report_failure(f"failed: {message.removeprefix('LV-UNet: ')}", message)
+        show_error(message)
+
+    def report_failure(self, status: str, details: str) -> None:
+        """Show a failure: a short status and, in Messages, the whole message.
+
+        Both stay until a later action: its status replaces the status, and Messages marks
+        this message as earlier (see :meth:`_show_details`).
+        """
+        self.status.value = status
+        self._show_details(details, error=True)
 
     def _on_device_changed(self, device: str) -> None:
         with warnings.catch_warnings(record=True) as caught:
@@ -1249,6 +1287,32 @@ class LVUNetWidget(Container):
         """Fine-tune on the saved pairs in a child process (see :class:`RetrainSection`)."""
         self.retrain.finetune()
 
-    def _show_details(self, text: str) -> None:
-        """Put a long message (a command, an error's details) where it can be read whole."""
-        self.details.value = text
+    def _show_details(self, text: str, *, error: bool = False) -> None:
+        """Put a long message (a command, an error's details) where it can be read whole.
+
+        The message starts with its time. When a later action changes the status (a new
+        job starts, or another action succeeds or fails), the message is marked as
+        earlier, so a past error never reads as the state of things. Status changes of
+        the job that wrote it (its progress) leave it as it is.
+
+        Args:
+            text: The message.
+            error: Whether it reports a failure (a failure's status never marks it).
+        """
+        self._details_text = f"{time.strftime('%H:%M:%S')}  {text}"
+        self._details_job = self.busy
+        self._details_stale = False
+        self.details.value = self._details_text
+        if not self.advanced.expanded:
+            self.advanced.note = "new message" if not error else "error message"
+
+    def _on_status(self, _text: str) -> None:
+        """A new status: a message in Messages from before it is now an earlier one."""
+        if self._details_stale or not self._details_text:
+            return
+        if self._details_job and self.busy:
+            return  # the progress of the job that wrote the message
+        self._details_stale = True
+        self.details.value = f"Earlier message:\n{self._details_text}"
+        if self.advanced.note:
+            self.advanced.note = ""

@@ -554,7 +554,7 @@ def test_controls_explain_themselves_and_results_can_be_outlines(viewer_widget, 
     assert "Ctrl+Shift+Return" in widget.segment_button.tooltip
     assert "Ctrl+Shift+S" in widget.save_button.tooltip
     keys = [shortcut.key().toString() for shortcut in widget._shortcuts]
-    assert keys == ["Ctrl+Shift+Return", "Ctrl+Shift+S"]
+    assert keys == ["Ctrl+Shift+Return", "Ctrl+Shift+S", "Ctrl+Shift+Right", "Ctrl+Shift+Left"]
 
     def shown(control) -> bool:
         return control.native.isVisibleTo(widget.native)

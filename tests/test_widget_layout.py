@@ -1,0 +1,171 @@
+"""The dock widget as a clinician reads and drives it (issue 10): groups, model panel,
+slice shortcuts, status and messages. Real napari viewers, under Xvfb::
+
+    xvfb-run -a pytest tests/test_widget_layout.py
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from lvunet_test_helpers import weights_in_child
+
+pytestmark = pytest.mark.gui
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return weights_in_child(tmp_path_factory.mktemp("weights") / "random.safetensors")
+
+
+@pytest.fixture
+def docked(make_napari_viewer):
+    viewer = make_napari_viewer(show=True)
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-lvunet", "LV-UNet segmentation")
+    return viewer, dock, widget
+
+
+def _wait_idle(qtbot, widget) -> None:
+    qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)
+
+
+def _shown(widget, control) -> bool:
+    return control.native.isVisibleTo(widget.native)
+
+
+def test_groups_in_reading_order_advanced_folded(docked, qtbot) -> None:
+    from magicgui.widgets import Label
+
+    _viewer, _dock, widget = docked
+    groups = [widget.segment_group, widget.correct_group, widget.retrain_group, widget.advanced]
+    assert list(widget) == groups
+    assert [g.header.native.text()[2:] for g in groups] == [
+        "Segment",
+        "Correct and save",
+        "Retrain",
+        "Advanced",
+    ]
+    assert [g.expanded for g in groups] == [True, True, True, False]
+    for control in (widget.image, widget.model, widget.threshold, widget.segment_button,
+                    widget.cancel_button, widget.progress, widget.status):  # fmt: skip
+        assert control in widget.segment_group.body and _shown(widget, control)
+    assert widget.correct_section in widget.correct_group.body
+    assert widget.restore_button in widget.correct_group.body
+    assert widget.retrain in widget.retrain_group.body
+    advanced = (widget.device, widget.device_in_use, widget.sizing, widget.output,
+                widget.probabilities, widget.overwrite, widget.outline, widget.load_file,
+                widget.details)  # fmt: skip
+    for control in advanced:
+        assert control in widget.advanced.body and not _shown(widget, control)
+
+    # The header folds and unfolds its group, as a click does.
+    qtbot.mouseClick(widget.advanced.header.native, _left())
+    assert widget.advanced.expanded and all(_shown(widget, c) for c in advanced)
+    assert widget.advanced.header.native.text().startswith("\u25be")
+    qtbot.mouseClick(widget.segment_group.header.native, _left())
+    assert not _shown(widget, widget.segment_button)
+    assert widget.segment_group.header.native.text().startswith("\u25b8")
+
+    # Another panel appended to "Correct and save" goes inside it, after what is there.
+    extra = Label(value="another panel")
+    widget.correct_group.append(extra)
+    assert list(widget.correct_group.body)[-1] is extra
+    assert list(widget) == groups
+
+
+def _left():
+    from qtpy.QtCore import Qt
+
+    return Qt.MouseButton.LeftButton
+
+
+def test_model_panel_follows_the_model(docked, qtbot, weights_file, tmp_path) -> None:
+    from napari_lvunet import weights
+
+    _viewer, dock, widget = docked
+    qtbot.wait(100)
+    width = dock.width()
+    assert widget.model.value == weights.DEFAULT_MODEL
+    assert widget.about.expanded and _shown(widget, widget.model_panel)
+    test = weights.open_weights(weights.DEFAULT_MODEL).metadata["metrics"]["test"]
+    text = widget.model_panel.native.text()
+    assert f"Dice {test['dice']:.3f}, IoU {test['iou']:.3f}" in text
+    assert "not diagnosis" in text and "Licence" in text and "polyps" in text
+    # Tall enough for all its lines: no line is cut off at the bottom.
+    panel = widget.model_panel.native
+    assert panel.height() >= panel.heightForWidth(panel.width()) > 5 * panel.fontMetrics().height()
+
+    long_name = "lvunet-finetuned-" + "a-long-folder-name-" * 6 + "x.safetensors"
+    shutil.copyfile(weights_file, tmp_path / long_name)
+    widget.add_weights_file(tmp_path / long_name)
+    qtbot.wait(100)
+    text = widget.model_panel.native.text()
+    assert "none recorded in the weights" in text and "Dice" not in text
+    assert dock.width() == width  # a long model name and text never widen the dock
+    widget.model.value = weights.DEFAULT_MODEL
+    assert f"Dice {test['dice']:.3f}" in widget.model_panel.native.text()
+
+
+def test_slice_shortcuts_step_napari_dims(docked, qtbot) -> None:
+    """Ctrl+Shift+Right / Left move napari's slider, even with the focus in the dock."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtTest import QTest
+
+    viewer, _dock, widget = docked
+    viewer.add_image(np.zeros((4, 64, 64), np.uint8), name="stack")
+    window = viewer.window._qt_window
+    window.activateWindow()
+    qtbot.waitUntil(window.isActiveWindow, timeout=5000)
+    viewer.dims.set_current_step(0, 0)
+    ctrl_shift = Qt.KeyboardModifier.ControlModifier | Qt.KeyboardModifier.ShiftModifier
+    for key, expected in ((Qt.Key.Key_Right, 1), (Qt.Key.Key_Right, 2), (Qt.Key.Key_Left, 1)):
+        QTest.keyClick(window, key, ctrl_shift)
+        assert viewer.dims.current_step[0] == expected
+    widget.threshold.native.setFocus()  # the focus in the widget: the keys still step
+    focused = window.focusWidget()
+    QTest.keyClick(focused, Qt.Key.Key_Right, ctrl_shift)
+    assert viewer.dims.current_step[0] == 2
+    for _ in range(3):  # stops at the last slice
+        QTest.keyClick(focused, Qt.Key.Key_Right, ctrl_shift)
+    assert viewer.dims.current_step[0] == 3
+    assert widget.threshold.value == 0.5  # the slider under the focus did not move
+    assert "Ctrl+Shift+Right / Left" in widget.scope.tooltip
+    assert "Ctrl+Shift+Right / Left" in widget.live.tooltip
+
+
+def test_status_and_messages_move_on_after_a_later_success(
+    docked, qtbot, weights_file, tmp_path
+) -> None:
+    """A failure shows until a later action: then the new status, and the old message
+    marked earlier."""
+    viewer, _dock, widget = docked
+    widget.add_weights_file(weights_file)
+    widget.segment()  # no image layer yet
+    assert widget.status.value.startswith("not segmented: No image layer")
+
+    rng = np.random.default_rng(3)
+    viewer.add_image(rng.integers(0, 256, (128, 128), dtype=np.uint8), name="img")
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not weights at all")
+    widget.add_weights_file(broken)
+    widget.segment()
+    _wait_idle(qtbot, widget)
+    assert widget.status.value.startswith("failed: ") and "broken.safetensors" in (
+        widget.status.value
+    )
+    message = widget.details.value
+    assert "broken.safetensors" in message and not message.startswith("Earlier")
+    assert widget.advanced.note == "error message"  # folded: the header says so
+
+    widget.add_weights_file(weights_file)
+    widget.segment()
+    _wait_idle(qtbot, widget)
+    assert widget.status.value == "done: img labels"
+    assert widget.details.value.startswith("Earlier message:\n")
+    assert "broken.safetensors" in widget.details.value
+    assert widget.advanced.note == ""
+    widget.advanced.expanded = True
+    assert _shown(widget, widget.details)
