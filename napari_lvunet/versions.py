@@ -417,7 +417,10 @@ def delete(version_id: str, folder: str | os.PathLike[str] | None = None) -> Non
     if version.bundled:
         raise VersionError("the bundled model cannot be deleted")
     target = _folder(folder)
+    was_current = current(folder).id == version.id
     (target / f"{version.id}.json").unlink()
     for suffix in (".safetensors", ".pt"):
         (target / f"{version.id}{suffix}").unlink(missing_ok=True)
+    if was_current:
+        select(BUNDLED_ID, folder)
     logger.info("deleted the model version %s", version.id)
