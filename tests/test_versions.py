@@ -160,3 +160,36 @@ def test_unusable_weights_are_refused_and_nothing_is_written(folder: Path, tmp_p
     with pytest.raises(versions.VersionError, match="reference_dice"):
         versions.register(_weights(tmp_path / "w.safetensors", 1), reference_dice=("x", 1))
     assert not folder.exists() or not any(folder.iterdir())
+
+
+def test_reference_dice_defaults_to_the_metadata_and_delete_falls_back_quietly(
+    folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import torch
+
+    from napari_lvunet.model import LVUNet
+    from napari_lvunet.weights import save_weights
+
+    torch.manual_seed(4)
+    source = tmp_path / "out" / "scored.safetensors"
+    source.parent.mkdir()
+    metrics = {
+        "heldout_before": {"dice": 0.5},
+        "heldout_after": {"dice": 0.75},
+        "reference_before": {"dice": 0.85},
+        "reference_after": {"dice": 0.8125},
+    }
+    save_weights(LVUNet(1, fused=True), source, {"train_size": [SIZE, SIZE], "metrics": metrics})
+    v = versions.register(source)
+    assert v.reference_dice == {"before": 0.85, "after": 0.8125}
+    assert v.heldout_dice == {"before": 0.5, "after": 0.75}
+    assert versions.register(source, reference_dice=(0.1, 0.2)).reference_dice == {
+        "before": 0.1,
+        "after": 0.2,
+    }
+    versions.select(v.id)
+    with caplog.at_level("WARNING", logger="napari_lvunet.versions"):
+        versions.delete(v.id)
+        assert versions.current().id == DEFAULT_MODEL
+    assert not caplog.records  # the choice went back to the bundled model, said nowhere
+    assert json.loads((folder / "current.json").read_text()) == {"current": DEFAULT_MODEL}
