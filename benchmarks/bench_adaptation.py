@@ -91,7 +91,7 @@ VARIANTS: dict[str, list[str]] = {
     "mild-augment": ["--augment", "mild"],
     "lr-1e-3": ["--lr", "1e-3"],
     "lr-1e-3-60-steps": ["--lr", "1e-3", "--steps", "60"],
-    # longer schedules: 100 steps take about 2.5 min on 2 idle cores, so 200 still fit 5 min
+    # longer schedules: does more of the same schedule move the centre further?
     "steps-200": ["--steps", "200"],
     "steps-200-lr-3e-4": ["--steps", "200", "--lr", "3e-4"],
 }  # fmt: skip
