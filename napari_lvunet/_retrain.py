@@ -25,20 +25,21 @@ What a clinician sees:
 
 from __future__ import annotations
 
+import html
 import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from magicgui.widgets import Container, Label, LineEdit, PushButton, SpinBox
+from magicgui.widgets import Container, LineEdit, PushButton, SpinBox
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QObject, QTimer, Signal
 
 from . import versions
 from ._annotations import finetune_command
 from ._finetune_job import FinetuneJob, FinetuneResult, FinetuneStep, finetune_argv
-from ._qt_util import if_alive
+from ._qt_util import WrappedText, if_alive
 from ._torch import TRAIN_INSTALL, torch_installed
 from .finetune_events import ResumeState, find_resume, start_sha256
 
@@ -115,10 +116,28 @@ def _dice(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def _wrapping_label(**kwargs: Any) -> Label:
-    label = Label(**kwargs)
-    label.native.setWordWrap(True)
-    return label
+def _table(outcome: BeforeAfter) -> str:
+    """The panel's text: the two models, then a table of both Dice, current against new."""
+    cell = ' style="padding: 1px 4px;" align="right"'
+    rows = [f"<tr><td></td><td{cell}>current</td><td{cell}>new</td><td{cell}>change</td></tr>"]
+    for what, (before, after), warn in (
+        ("Held-out Dice", outcome.heldout, False),
+        ("Reference Dice", outcome.reference, outcome.forgetting),
+    ):
+        change = "" if before is None or after is None else f"{after - before:+.3f}"
+        if warn:
+            change = f'<span style="{_WARN_STYLE}">{change}</span>'
+        rows.append(
+            f"<tr><td>{what}</td><td{cell}>{_dice(before)}</td><td{cell}>{_dice(after)}</td>"
+            f"<td{cell}>{change}</td></tr>"
+        )
+    return (
+        f"New: <b>{html.escape(outcome.version.name)}</b><br>"
+        f"Current: <b>{html.escape(outcome.current)}</b>"
+        f"<table>{''.join(rows)}</table>"
+        "<small>held-out: your pairs that the fine-tune did not train on; reference: 32 "
+        "Kvasir-SEG test images shipped with the plugin (a drop means forgetting)</small>"
+    )
 
 
 class RetrainSection(Container):
@@ -131,7 +150,9 @@ class RetrainSection(Container):
     """
 
     def __init__(self, main: LVUNetWidget) -> None:
-        super().__init__(labels=True)
+        # The panel spans the section's width; only the two fields have labels beside them.
+        super().__init__(labels=False)
+        self.margins = (0, 0, 0, 0)
         self._main = main
         self.job: FinetuneJob | None = None  # the fine-tune child process, if running
         self._job_weights: str | None = None  # the model key the running job started from
@@ -171,20 +192,16 @@ class RetrainSection(Container):
         )
 
         # The before/after panel, shown when a fine-tune ends.
-        self.result_title = _wrapping_label(label="Result", value="")
-        self.heldout_text = _wrapping_label(label="Held-out Dice", value="")
-        self.reference_text = _wrapping_label(label="Reference Dice", value="")
-        self.warning_text = _wrapping_label(label="Warning", value="")
+        self.result_text = WrappedText(value="")
+        self.warning_text = WrappedText(value="")
         self.warning_text.native.setStyleSheet(_WARN_STYLE)
         self.accept_button = PushButton(text="Use the new model")
         self.reject_button = PushButton(text="Keep the current model")
-        self.heldout_text.tooltip = (
-            "Dice on the pairs of your folder that the fine-tune held out (never trained "
-            "on): does the new model segment your images better?"
-        )
-        self.reference_text.tooltip = (
-            "Dice on 32 Kvasir-SEG test images shipped with the plugin: does the new model "
-            "still segment what the bundled model could (a drop means forgetting)?"
+        self.result_text.tooltip = (
+            "Held-out Dice: on the pairs of your folder that the fine-tune held out (never "
+            "trained on): does the new model segment your images better?\n"
+            "Reference Dice: on 32 Kvasir-SEG test images shipped with the plugin: does the "
+            "new model still segment what it could (a drop means forgetting)?"
         )
         self.accept_button.tooltip = "Make the new version the current model (also next time)."
         self.reject_button.tooltip = (
@@ -192,27 +209,24 @@ class RetrainSection(Container):
             "be chosen or deleted later."
         )
         self.panel = Container(
-            labels=True,
-            widgets=[
-                self.result_title,
-                self.heldout_text,
-                self.reference_text,
-                self.warning_text,
-                self.accept_button,
-                self.reject_button,
-            ],
+            labels=False,
+            widgets=[self.result_text, self.warning_text, self.accept_button, self.reject_button],
         )
         self.panel.margins = (0, 0, 0, 0)
         self.panel.visible = False
 
+        steps_row = Container(labels=True, widgets=[self.steps])
+        command_row = Container(labels=True, widgets=[self.command])
+        for row in (steps_row, command_row):
+            row.margins = (0, 0, 0, 0)
         self.extend(
             [
-                self.steps,
+                steps_row,
                 self.finetune_button,
                 self.resume_button,
                 self.panel,
                 self.delete_button,
-                self.command,
+                command_row,
             ]
         )
         self.finetune_button.changed.connect(self.finetune)
@@ -520,12 +534,10 @@ class RetrainSection(Container):
     def show_outcome(self, outcome: BeforeAfter) -> None:
         """Show the before/after panel of a fine-tune's new version."""
         self.outcome = outcome
-        self.result_title.value = f"{outcome.version.name} against {outcome.current}"
-        self.heldout_text.value = _comparison(*outcome.heldout)
-        self.reference_text.value = _comparison(*outcome.reference)
+        self.result_text.value = _table(outcome)
         if outcome.forgetting:
             self.warning_text.value = (
-                f"the reference Dice drops by {outcome.reference_drop:.3f} (more than "
+                f"The reference Dice drops by {outcome.reference_drop:.3f} (more than "
                 f"{REFERENCE_DROP_WARNING}): the new model may have forgotten part of what "
                 "it could segment. Check it on your images before using it."
             )

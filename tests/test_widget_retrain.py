@@ -78,6 +78,24 @@ def _shown(widget) -> bool:
     return not widget.native.isHidden()
 
 
+def _rows(retrain) -> list[list[str]]:
+    """The cells of the before/after table, as the panel's label shows them."""
+    from qtpy.QtGui import QTextDocument
+
+    document = QTextDocument()
+    document.setHtml(retrain.result_text.value)
+    text = document.toPlainText()
+    # Qt writes a table's cells one per line; the first two lines name the models, the
+    # last one says what the two sets are.
+    cells = text.split("\n")[2:-1]
+    cells = cells[: len(cells) // 4 * 4]  # a last empty cell may come with a newline
+    return [cells[i : i + 4] for i in range(0, len(cells), 4)]
+
+
+def _change(pair) -> str:
+    return f"{pair[1] - pair[0]:+.3f}"
+
+
 def _gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -117,9 +135,15 @@ def test_a_finetune_becomes_a_version_kept_across_sessions_chosen_only_on_accept
     for value in (*outcome.heldout, *outcome.reference):
         assert 0.0 <= value <= 1.0
     before, after = outcome.reference
-    assert retrain.reference_text.value == (
-        f"current {before:.3f} \u2192 new {after:.3f} ({after - before:+.3f})"
-    )
+    assert _rows(retrain) == [
+        ["", "current", "new", "change"],
+        [
+            "Held-out Dice",
+            *(f"{d:.3f}" for d in outcome.heldout),
+            _change(outcome.heldout),
+        ],
+        ["Reference Dice", f"{before:.3f}", f"{after:.3f}", f"{after - before:+.3f}"],
+    ]
     assert _shown(retrain.warning_text) == (before - after > 0.02)
     assert widget.status.value == "fine-tuned: use the new model?"
     assert ("torch" in sys.modules) == torch_before
@@ -255,10 +279,13 @@ def test_reject_keeps_the_model_and_a_reference_drop_warns(
     # The reference Dice falls by 0.05: a warning, in its own colour.
     retrain.show_outcome(BeforeAfter(version, DEFAULT_MODEL, (0.61, 0.83), (0.85, 0.80)))
     assert _shown(retrain.panel) and _shown(retrain.warning_text)
-    assert retrain.heldout_text.value == "current 0.610 \u2192 new 0.830 (+0.220)"
-    assert retrain.reference_text.value == "current 0.850 \u2192 new 0.800 (-0.050)"
+    assert _rows(retrain)[1:] == [
+        ["Held-out Dice", "0.610", "0.830", "+0.220"],
+        ["Reference Dice", "0.850", "0.800", "-0.050"],
+    ]
     assert "drops by 0.050" in retrain.warning_text.value
     assert "color" in retrain.warning_text.native.styleSheet()
+    assert 'color: #e8a33d; font-weight: bold;">-0.050<' in retrain.result_text.value
     retrain.reject_button.changed.emit(True)
     assert not _shown(retrain.panel)
     assert widget.model.value == DEFAULT_MODEL and versions.current().id == DEFAULT_MODEL
@@ -271,6 +298,8 @@ def test_reject_keeps_the_model_and_a_reference_drop_warns(
     assert widget.model.value == version.weights and versions.current().id == version.id
     # Neither Dice known (no held-out pairs, no reference set): said plainly.
     retrain.show_outcome(BeforeAfter(version, DEFAULT_MODEL, (None, None), (0.85, None)))
-    assert retrain.heldout_text.value == "not measured"
-    assert retrain.reference_text.value == "current 0.850, new -"
+    assert _rows(retrain)[1:] == [
+        ["Held-out Dice", "-", "-", ""],
+        ["Reference Dice", "0.850", "-", ""],
+    ]
     assert not _shown(retrain.warning_text)
