@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from magicgui.widgets import ComboBox, Container, Label, PushButton
 from magicgui.widgets.bases import Widget
-from qtpy.QtCore import QEvent, QObject, Qt
+from qtpy.QtCore import QEvent, QObject, Qt, Signal
 from qtpy.QtWidgets import QComboBox, QLabel, QMessageBox, QSizePolicy, QWidget
 
-__all__ = ["Group", "WrappedText", "ask", "compact", "if_alive", "real"]
+__all__ = [
+    "Group",
+    "Job",
+    "WrappedText",
+    "ask",
+    "compact",
+    "if_alive",
+    "no_repaint",
+    "real",
+    "run_in_background",
+]
 
 
 def real(obj: Any) -> Any:
@@ -153,6 +166,20 @@ class _FitHeight(QObject):
         return False
 
 
+@contextlib.contextmanager
+def no_repaint(widget: QWidget) -> Iterator[None]:
+    """Change a widget without the immediate repaint some widgets do (QProgressBar does).
+
+    The change is painted with the next ordinary repaint instead.
+    """
+    was = widget.updatesEnabled()
+    widget.setUpdatesEnabled(False)
+    try:
+        yield
+    finally:
+        widget.setUpdatesEnabled(was)
+
+
 def fit_height(label: QLabel) -> None:
     """Make a word-wrapped label as tall as its text needs at its width."""
     height = label.heightForWidth(max(label.width(), label.minimumWidth()))
@@ -187,3 +214,120 @@ class WrappedText(Label):
     def value(self, text: Any) -> None:
         Label.value.fset(self, str(text))  # type: ignore[attr-defined]
         fit_height(self.native)
+
+
+class _Delivery(QObject):
+    """Lives in the GUI thread; the job thread's results reach it as queued signals."""
+
+    done = Signal(object)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.done.connect(self._deliver)
+
+    @staticmethod
+    def _deliver(job: Job) -> None:
+        job._deliver()
+
+
+class Job:
+    """One function call on the background job thread (see :func:`run_in_background`).
+
+    Attributes:
+        finished: Whether its callbacks have run in the GUI thread.
+    """
+
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        returned: Callable[[Any], Any] | None,
+        errored: Callable[[BaseException], Any] | None,
+        finished: Callable[[], Any] | None,
+    ) -> None:
+        self._func, self._args = func, args
+        self._returned, self._errored, self._finished = returned, errored, finished
+        self._outcome: tuple[bool, Any] = (False, None)
+        self.finished = False
+        self._on_finished: list[Callable[[], Any]] = []
+
+    def when_finished(self, callback: Callable[[], Any]) -> None:
+        """Call ``callback`` in the GUI thread once the job's own callbacks have run."""
+        if self.finished:
+            callback()
+        else:
+            self._on_finished.append(callback)
+
+    def _run(self) -> None:  # in the job thread
+        try:
+            self._outcome = (True, self._func(*self._args))
+        except BaseException as err:  # every failure goes to the GUI thread
+            self._outcome = (False, err)
+
+    def _deliver(self) -> None:  # in the GUI thread
+        ok, value = self._outcome
+        self._outcome = (False, None)  # do not keep a large result alive
+        try:
+            if ok and self._returned is not None:
+                self._returned(value)
+            elif not ok and self._errored is not None:
+                self._errored(value)
+        finally:
+            self.finished = True
+            try:
+                if self._finished is not None:
+                    self._finished()
+            finally:
+                for callback in self._on_finished:
+                    callback()
+
+
+class _JobThread:
+    """One long-lived daemon thread that runs jobs in order.
+
+    napari's ``create_worker`` starts a new QThread for every call; a thread waiting on a
+    queue starts a job in microseconds instead. One thread per process serves every
+    widget: jobs run one after another, as they would on 2 CPU cores anyway.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self._delivery = _Delivery()  # made in the GUI thread, by the first submit
+        self._thread = threading.Thread(target=self._loop, name="lvunet-jobs", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        self._queue.put(job)
+
+    def _loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            job._run()
+            self._delivery.done.emit(job)  # queued: the GUI thread runs the callbacks
+            del job
+
+
+_JOB_THREAD: _JobThread | None = None
+
+
+def run_in_background(
+    func: Callable[..., Any],
+    *args: Any,
+    returned: Callable[[Any], Any] | None = None,
+    errored: Callable[[BaseException], Any] | None = None,
+    finished: Callable[[], Any] | None = None,
+) -> Job:
+    """Run ``func(*args)`` on the process's job thread; callbacks run in the GUI thread.
+
+    Call from the GUI thread. ``returned`` (with the result) or ``errored`` (with the
+    exception) runs first, then ``finished``, always.
+
+    Returns:
+        The job.
+    """
+    global _JOB_THREAD
+    if _JOB_THREAD is None:
+        _JOB_THREAD = _JobThread()
+    job = Job(func, args, returned, errored, finished)
+    _JOB_THREAD.submit(job)
+    return job

@@ -1,10 +1,11 @@
-"""The LV-UNet dock widget: gathers the user's choices, runs work in thread workers.
+"""The LV-UNet dock widget: gathers the user's choices, runs work on a background thread.
 
 Data flows one way: image layer -> ``inference.default_pool().get(...)`` (a ``Segmenter``,
 shared with the CLI and ``inference.segment``) -> labels -> Labels layer, and
 Labels layer -> ``_annotations.save_for_training`` -> folder -> ``training.finetune`` ->
 weights -> model picker. Everything slow (loading or downloading weights, building the
-ONNX session, segmenting) runs in a napari thread worker, so the window never freezes;
+ONNX session, segmenting) runs on one long-lived job thread (``_qt_util.run_in_background``),
+so the window never freezes;
 fine-tuning runs in a child process (``_finetune_job``), so napari never imports torch
 and survives a crash or an out-of-memory kill of the training. Every failure ends as a
 napari notification.
@@ -37,10 +38,9 @@ from magicgui.widgets import (
     TextEdit,
 )
 from napari.layers import Image, Labels
-from napari.qt.threading import create_worker
 from napari.utils.colormaps import DirectLabelColormap
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QEvent, QObject, Qt, Signal
+from qtpy.QtCore import QEvent, QObject, Qt, QTimer, Signal
 from qtpy.QtWidgets import QFileDialog, QSizePolicy
 
 from . import weights as weights_mod
@@ -53,7 +53,7 @@ from ._annotations import (
     slice_digest,
 )
 from ._correct import CorrectSection
-from ._qt_util import Group, WrappedText
+from ._qt_util import Group, WrappedText, no_repaint, run_in_background
 from ._qt_util import ask as _ask_user
 from ._qt_util import compact as _compact
 from ._qt_util import if_alive as _if_alive
@@ -72,6 +72,14 @@ __all__ = ["LVUNetWidget"]
 logger = logging.getLogger(__name__)
 
 _DEVICES = ("auto", "cpu", "cuda", "mps")
+
+# A Segment that ends sooner never shows a busy state, only its result (ms).
+_BUSY_LOOK_MS = 150
+# A live-preview slice that took at most this long (s) is segmented at once, in the GUI
+# thread: the slice and its labels show together, in one repaint. The first slice (the
+# model loads), larger slices and anything slower go to the job thread.
+_INLINE_PREVIEW_S = 0.04
+_INLINE_PREVIEW_PIXELS = 1920 * 1080  # a first try in the GUI thread only up to this
 
 
 class _Progress(QObject):
@@ -257,9 +265,15 @@ class LVUNetWidget(Container):
             weakref.WeakKeyDictionary()
         )
         self._cancel = threading.Event()
-        self._worker = None  # the Segment / Fine-tune worker: one at a time
-        self._preview_worker = None
+        self._worker = None  # the Segment job: one at a time
+        self._preview_worker = None  # the live preview's job
+        self._busy_look = False  # whether the running job shows as busy (see _start)
+        self._models_changed = False  # a job downloaded a model: refresh the picker
         self._preview_pending: tuple[Image, SliceIndex] | None = None
+        # Live preview, per (model, device, sizing, slice shape, dtype): segmented once on
+        # the job thread (the model is loaded), and the seconds it took in the GUI thread.
+        self._preview_warm: set[tuple] = set()
+        self._preview_cost: dict[tuple, float] = {}
         self._progress = _Progress()
         self._progress.changed.connect(self._on_progress)
         self._progress.message.connect(self._on_message)
@@ -310,7 +324,7 @@ class LVUNetWidget(Container):
         self.status = _ElidedLabel(label="Status", value="ready")
         # The last long message (see _show_details), its job, and whether it is earlier.
         self._details_text = ""
-        self._details_job = False
+        self._details_job: Any = None
         self._details_stale = False
 
         self.restore_button = PushButton(text="Restore replaced labels", enabled=False)
@@ -418,6 +432,13 @@ class LVUNetWidget(Container):
             (self.viewer.layers.selection.events.active, self._on_active_layer),
             (self.viewer.dims.events.current_step, self._on_step),
         ]
+
+    def _running_job(self) -> Any:
+        """The running Segment, live-preview or Fine-tune job, or None."""
+        for job in (self._worker, self._preview_worker, self.retrain.job):
+            if job is not None:
+                return job
+        return None
 
     @property
     def busy(self) -> bool:
@@ -659,6 +680,7 @@ class LVUNetWidget(Container):
         progressbar: Any = False
         if key in weights_mod.registry() and not weights_mod.is_available_offline(key):
             progressbar = _DownloadProgress(self._progress, key)
+            self._models_changed = True  # its picker label changes once it is cached
         return default_pool().get(key, device=device, progressbar=progressbar)
 
     # ------------------------------------------------------------ segmenting
@@ -820,25 +842,31 @@ class LVUNetWidget(Container):
         self.status.value = "cancelling..."
 
     def _start(self, func: Any, *args: Any, on_returned: Any, status: str) -> None:
-        self.progress.max, self.progress.value = 1, 0
+        self._worker = job = run_in_background(
+            func, *args, returned=on_returned, errored=self._on_error, finished=self._on_finished
+        )
+        # The busy look (status, disabled Segment, Cancel, progress) only if the job lasts:
+        # every change in the dock repaints napari's whole window with its OpenGL canvas
+        # (tens of ms of CPU on a software renderer, taken from the job), so a quick
+        # Segment shows its result and nothing else. Segment refuses while a job runs.
+        QTimer.singleShot(_BUSY_LOOK_MS, functools.partial(self._look_busy, job, status))
+
+    @_if_alive
+    def _look_busy(self, job: Any, status: str) -> None:
+        if self._worker is not job:
+            return  # finished already
+        self._busy_look = True
+        with no_repaint(self.progress.native):
+            self.progress.max, self.progress.value = 1, 0
         self.status.value = status
         self.segment_button.enabled = self.finetune_button.enabled = False
         self.cancel_button.enabled = True
-        self._worker = create_worker(
-            func,
-            *args,
-            _start_thread=True,
-            _connect={
-                "returned": on_returned,
-                "errored": self._on_error,
-                "finished": self._on_finished,
-            },
-        )
 
     @_if_alive
     def _on_progress(self, done: int, total: int) -> None:
-        self.progress.max = max(int(total), 1)
-        self.progress.value = min(int(done), self.progress.max)
+        with no_repaint(self.progress.native):  # QProgressBar repaints at once otherwise
+            self.progress.max = max(int(total), 1)
+            self.progress.value = min(int(done), self.progress.max)
 
     @_if_alive
     def _on_message(self, text: str) -> None:
@@ -847,9 +875,13 @@ class LVUNetWidget(Container):
     @_if_alive
     def _on_finished(self) -> None:
         self._worker = None
-        self._refresh_models()  # a model downloaded by the job now shows as cached
-        self.segment_button.enabled = self.finetune_button.enabled = True
-        self.cancel_button.enabled = False
+        if self._models_changed:
+            self._models_changed = False
+            self._refresh_models()  # a model downloaded by the job now shows as cached
+        if self._busy_look:
+            self._busy_look = False
+            self.segment_button.enabled = self.finetune_button.enabled = True
+            self.cancel_button.enabled = False
 
     @_if_alive
     def _on_error(self, err: BaseException) -> None:
@@ -981,11 +1013,8 @@ class LVUNetWidget(Container):
         labels = result.labels
         if target is not None and target.data.shape != _yx_shape(image):
             target = None
-        if (
-            target is not None
-            and not request.replace_confirmed
-            and self._holds_corrections(target, request.index)
-        ):
+        corrected = target is not None and self._holds_corrections(target, request.index)
+        if corrected and not request.replace_confirmed:
             # Painted while this result was computing, without being asked: keep it.
             show_info(
                 f"LV-UNet: {target.name!r} was corrected while segmenting; the new result "
@@ -994,12 +1023,25 @@ class LVUNetWidget(Container):
             target = None
         if target is None:
             target = self._new_labels(image, labels.dtype, output=request.output)
-        else:
+        elif corrected:
             self._keep_replaced(target, request.index)
         track = self._tracks[_real(target)]
         if request.index is None:
             track.edited.clear()
-            target.data = labels
+            reset_history = getattr(_real(target), "_reset_history", None)
+            if (
+                target.data.dtype == labels.dtype
+                and isinstance(target.data, np.ndarray)
+                and reset_history is not None
+            ):
+                # Same shape and type: written in place, which spares napari a new layer
+                # extent (dims, every layer's slice); the undo history goes, as with a
+                # new array (the replaced corrections are kept for Restore instead).
+                target.data[...] = labels
+                reset_history()
+                target.refresh()
+            else:
+                target.data = labels
         else:
             track.edited.discard(request.index)
             _fit_dtype(target, labels)
@@ -1014,7 +1056,9 @@ class LVUNetWidget(Container):
         # The picker stays on a layer the user corrected: a fresh result must never
         # become what "Save for training" stores without the user choosing it.
         current = self.corrected.value
-        if current is None or not self._holds_corrections(current, None):
+        if current is None or (
+            _real(current) is not _real(target) and not self._holds_corrections(current, None)
+        ):
             self.corrected.value = target
 
     # ------------------------------------------------- corrections bookkeeping
@@ -1106,9 +1150,7 @@ class LVUNetWidget(Container):
         return dict(track.provenance.get(tuple(index or ()), {}))
 
     def _keep_replaced(self, layer: Labels, index: SliceIndex | None) -> None:
-        """Keep what an overwrite is about to replace, when it holds corrections."""
-        if not self._holds_corrections(layer, index):
-            return
+        """Keep what an overwrite is about to replace (it holds corrections)."""
         track = self._tracks[_real(layer)]
         data = np.array(layer.data if index is None else layer.data[index], copy=True)
         self._replaced = _Replaced(
@@ -1225,17 +1267,44 @@ class LVUNetWidget(Container):
             self.live.value = False
             show_error(f"Live preview stopped: {err}")
             return
-        self._preview_worker = create_worker(
+        cost_key = (
+            request.model_key,
+            request.device,
+            request.sizing,
+            tuple(request.data.shape),
+            str(request.data.dtype),
+        )
+        n_pixels = int(np.prod(request.data.shape[:2]))  # the slice's Y and X
+        if (
+            cost_key in self._preview_warm
+            and n_pixels <= _INLINE_PREVIEW_PIXELS
+            and self._preview_cost.get(cost_key, 0.0) <= _INLINE_PREVIEW_S
+        ):
+            # Quick enough to do now: the slice and its labels show in one repaint (a
+            # background job would let napari repaint the new slice first, then repaint
+            # again for its labels, each repaint taking the CPU the job needs).
+            start = time.perf_counter()
+            try:
+                result = self._run(request, None)
+            except Exception as err:  # shown as the job thread's would be
+                self._on_preview_error(err)
+                return
+            # Slower than the budget (a slow machine, a heavy load): the job thread next.
+            self._preview_cost[cost_key] = time.perf_counter() - start
+            self._on_preview(result)
+            return
+        self._preview_worker = run_in_background(
             self._run,
             request,
             None,
-            _start_thread=True,
-            _connect={
-                "returned": self._on_preview,
-                "errored": self._on_preview_error,
-                "finished": self._on_preview_finished,
-            },
+            returned=functools.partial(self._on_warm_preview, cost_key),
+            errored=self._on_preview_error,
+            finished=self._on_preview_finished,
         )
+
+    def _on_warm_preview(self, cost_key: tuple, result: _Result) -> None:
+        self._preview_warm.add(cost_key)  # the model is loaded: the next may run at once
+        self._on_preview(result)
 
     @_if_alive
     def _on_preview(self, result: _Result) -> None:
@@ -1300,7 +1369,7 @@ class LVUNetWidget(Container):
             error: Whether it reports a failure (a failure's status never marks it).
         """
         self._details_text = f"{time.strftime('%H:%M:%S')}  {text}"
-        self._details_job = self.busy
+        self._details_job = self._running_job()
         self._details_stale = False
         self.details.value = self._details_text
         if not self.advanced.expanded:
@@ -1310,7 +1379,8 @@ class LVUNetWidget(Container):
         """A new status: a message in Messages from before it is now an earlier one."""
         if self._details_stale or not self._details_text:
             return
-        if self._details_job and self.busy:
+        job = self._running_job()
+        if job is not None and job is self._details_job:
             return  # the progress of the job that wrote the message
         self._details_stale = True
         self.details.value = f"Earlier message:\n{self._details_text}"

@@ -608,9 +608,12 @@ def test_live_preview_segments_displayed_slice_and_skips_edited(viewer_widget, q
 @pytest.mark.gui
 def test_cancel_stops_a_stack(viewer_widget, qtbot, notes) -> None:
     viewer, widget = viewer_widget
-    viewer.add_image(np.zeros((64, 128, 128), np.uint8), name="long")
+    viewer.add_image(np.zeros((200, 128, 128), np.uint8), name="long")
     widget.segment()
-    assert widget.cancel_button.enabled and not widget.segment_button.enabled
+    assert widget.busy
+    # A job that lasts shows as busy (a quick one never does): Cancel on, Segment off.
+    qtbot.waitUntil(lambda: widget.cancel_button.enabled, timeout=5000)
+    assert not widget.segment_button.enabled and widget.status.value == "segmenting long..."
     widget.cancel()
     _wait_idle(qtbot, widget)
     assert widget.status.value == "cancelled"
@@ -926,7 +929,7 @@ def test_download_failure_is_a_notification(served, make_napari_viewer, qtbot, n
     _wait_idle(qtbot, widget)
     (message,) = notes.messages("error")
     assert "served" in message and "img labels" not in viewer.layers
-    assert widget.status.value == "failed" and widget.segment_button.enabled
+    assert widget.status.value.startswith("failed: ") and widget.segment_button.enabled
 
 
 @pytest.mark.gui

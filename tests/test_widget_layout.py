@@ -169,3 +169,37 @@ def test_status_and_messages_move_on_after_a_later_success(
     assert widget.advanced.note == ""
     widget.advanced.expanded = True
     assert _shown(widget, widget.details)
+
+
+def test_quick_jobs_answer_without_a_busy_flash(docked, qtbot, weights_file, monkeypatch) -> None:
+    """Speed (issue 10): a quick Segment shows only its result; a warm live preview of a
+    small slice is segmented at once, with the slider step, and a slow one is not."""
+    from napari_lvunet import _widget
+
+    viewer, _dock, widget = docked
+    widget.add_weights_file(weights_file)
+    widget.threshold.value = 0.05  # a random network: make sure slices get foreground
+    viewer.add_image(np.random.default_rng(5).integers(0, 256, (5, 128, 128), dtype=np.uint8),
+                     name="vol")  # fmt: skip
+    monkeypatch.setattr(_widget, "_BUSY_LOOK_MS", 60_000)  # "quick": any job in this test
+    widget.scope.value = "slice"
+    widget.segment()
+    assert widget.busy and widget.segment_button.enabled  # no busy look yet...
+    _wait_idle(qtbot, widget)
+    assert "vol labels" in viewer.layers and widget.status.value == "done: vol labels"
+    assert widget.segment_button.enabled and not widget.cancel_button.enabled
+
+    monkeypatch.setattr(_widget, "_INLINE_PREVIEW_S", 10.0)  # any time is quick enough
+    viewer.dims.set_current_step(0, 0)
+    widget.live.value = True  # the first slice of a kind: on the job thread
+    assert widget._preview_worker is not None
+    _wait_idle(qtbot, widget)
+    layer = viewer.layers["vol labels"]
+    viewer.dims.set_current_step(0, 3)  # warm and small: done within the step itself
+    assert widget._preview_worker is None and layer.data[3].any()
+
+    monkeypatch.setattr(_widget, "_INLINE_PREVIEW_S", 0.0)  # what it took is too slow now
+    viewer.dims.set_current_step(0, 1)  # so the job thread again: the GUI never waits long
+    assert widget._preview_worker is not None
+    _wait_idle(qtbot, widget)
+    assert layer.data[1].any()
