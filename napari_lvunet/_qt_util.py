@@ -297,13 +297,20 @@ class _JobThread:
         self._thread.start()
 
     def submit(self, job: Job) -> None:
+        try:
+            self._delivery.objectName()
+        except RuntimeError:  # deleted with a QApplication that ended (tests make several)
+            self._delivery = _Delivery()
         self._queue.put(job)
 
     def _loop(self) -> None:
         while True:
             job = self._queue.get()
             job._run()
-            self._delivery.done.emit(job)  # queued: the GUI thread runs the callbacks
+            # Queued: the GUI thread runs the callbacks. A RuntimeError: napari closed
+            # while the job ran, and nobody is left to tell.
+            with contextlib.suppress(RuntimeError):
+                self._delivery.done.emit(job)
             del job
 
 
