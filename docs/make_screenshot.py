@@ -1,8 +1,14 @@
-"""Make ``docs/screenshot.png``: napari with the LV-UNet widget on the sample polyp.
+"""Make the README's screenshots: napari with the LV-UNet widget on the sample polyp.
 
 Opens the plugin's sample data and dock widget the way a user does (through napari's plugin
-machinery), presses Segment, waits for the Labels layer and saves a screenshot of the whole
-window. Run it under a display, e.g. on a headless machine::
+machinery), ticks "Show results as outlines", presses Segment, waits for the Labels layer
+and saves two pictures:
+
+* ``docs/screenshot.png``: the whole window, the result drawn as an outline over the
+  polyp, the widget's groups with the model panel open;
+* ``docs/screenshot_widget.png``: the dock widget alone, every group open (Advanced too).
+
+Run it under a display, e.g. on a headless machine::
 
     xvfb-run -a python docs/make_screenshot.py                      # the default model
     xvfb-run -a python docs/make_screenshot.py --weights my.safetensors
@@ -52,8 +58,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--sample", default="polyp", choices=["polyp", "polyp_stack"])
     parser.add_argument("--out", type=Path, default=HERE / "screenshot.png")
-    parser.add_argument("--size", type=int, nargs=2, default=(1400, 860), metavar=("W", "H"))
+    parser.add_argument("--widget-out", type=Path, default=HERE / "screenshot_widget.png")
+    parser.add_argument("--size", type=int, nargs=2, default=(1400, 1000), metavar=("W", "H"))
+    parser.add_argument("--filled", action="store_true", help="filled regions, not outlines")
     args = parser.parse_args(argv)
+
+    def settle() -> None:
+        for _ in range(20):  # let the canvas and the dock settle before grabbing
+            QApplication.processEvents()
+            time.sleep(0.05)
 
     with tempfile.TemporaryDirectory() as tmp:
         viewer = napari.Viewer(title="napari-lvunet")
@@ -73,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
                 "pass --weights or --random-weights"
             )
         widget.image.value = viewer.layers[args.sample.replace("_", " ")]
+        widget.outline.value = not args.filled
         before = len(viewer.layers)
         widget.segment()
         deadline = time.monotonic() + 300
@@ -88,11 +102,18 @@ def main(argv: list[str] | None = None) -> None:
                 toast.close()
         viewer.layers.selection.active = viewer.layers[-1]
         viewer.reset_view()
-        for _ in range(20):  # let the canvas and the dock settle before grabbing
-            QApplication.processEvents()
-            time.sleep(0.05)
+        settle()
         viewer.screenshot(str(args.out), canvas_only=False)
         print(f"wrote {args.out} (model: {widget.model.current_choice})")
+        # The widget alone, every group open, at the dock's width and its full height.
+        widget.advanced.expanded = True
+        native = widget.native
+        native.setFixedWidth(dock.width())
+        native.adjustSize()
+        native.resize(dock.width(), native.sizeHint().height())
+        settle()
+        native.grab().save(str(args.widget_out))
+        print(f"wrote {args.widget_out}")
         viewer.close()
 
 
