@@ -273,6 +273,7 @@ class LVUNetWidget(Container):
         # Live preview, per (model, device, sizing, slice shape, dtype): segmented once on
         # the job thread (the model is loaded), and the seconds it took in the GUI thread.
         self._preview_warm: set[tuple] = set()
+        self._sliced_after = False  # napari slices the layers right after (see _on_step)
         self._preview_cost: dict[tuple, float] = {}
         self._progress = _Progress()
         self._progress.changed.connect(self._on_progress)
@@ -409,7 +410,9 @@ class LVUNetWidget(Container):
         self.data_dir.changed.connect(self.retrain.update_command)
         # The pickers follow the layer list whether or not napari docks this widget.
         for emitter, callback in self._viewer_connections():
-            emitter.connect(callback)
+            # First in line: a live-preview slice segmented at once is in the Labels layer
+            # before napari slices its layers for the new point (no second slicing).
+            emitter.connect(callback, position="first" if callback == self._on_step else "last")
 
     def _alive(self) -> bool:
         try:
@@ -430,7 +433,7 @@ class LVUNetWidget(Container):
             (events.reordered, self._on_layers_changed),
             (events, self._on_layer_event),  # the list re-emits its layers' own events
             (self.viewer.layers.selection.events.active, self._on_active_layer),
-            (self.viewer.dims.events.current_step, self._on_step),
+            (self.viewer.dims.events.point, self._on_step),
         ]
 
     def _running_job(self) -> Any:
@@ -1234,7 +1237,13 @@ class LVUNetWidget(Container):
     @_if_alive
     def _on_step(self, _event: Any = None) -> None:
         if self.live.value:
-            self._request_preview()
+            # Called before napari slices the layers for the new point: a slice written
+            # now needs no refresh of its own.
+            self._sliced_after = True
+            try:
+                self._request_preview()
+            finally:
+                self._sliced_after = False
 
     def _request_preview(self) -> None:
         """Segment the displayed slice; while one runs, only the latest request waits."""
@@ -1331,7 +1340,8 @@ class LVUNetWidget(Container):
             return  # painted while the preview was computing
         _fit_dtype(target, result.labels)
         target.data[request.index] = result.labels
-        target.refresh()
+        if not self._sliced_after:
+            target.refresh()
         self._note_proposal(target, result)
         self.status.value = f"live preview: {target.name}, slice {request.index}"
 
