@@ -203,3 +203,44 @@ def test_quick_jobs_answer_without_a_busy_flash(docked, qtbot, weights_file, mon
     assert widget._preview_worker is not None
     _wait_idle(qtbot, widget)
     assert layer.data[1].any()
+
+
+def test_job_thread_runs_jobs_in_order_and_reports_in_the_gui_thread(qtbot) -> None:
+    import threading
+
+    from napari_lvunet._qt_util import run_in_background
+
+    gui = threading.get_ident()
+    events: list[tuple[str, object, bool]] = []
+
+    def work(value: int) -> int:
+        events.append(("ran", value, threading.get_ident() == gui))
+        if value < 0:
+            raise ValueError("negative")
+        return value * 2
+
+    def note(kind: str):
+        return lambda *args: events.append((kind, args[0] if args else None,
+                                            threading.get_ident() == gui))  # fmt: skip
+
+    callbacks = {"returned": note("returned"), "errored": note("errored")}
+    jobs = [
+        run_in_background(work, value, finished=note("finished"), **callbacks)
+        for value in (1, -1, 3)
+    ]
+    done: list[int] = []
+    jobs[-1].when_finished(lambda: done.append(1))
+    qtbot.waitUntil(lambda: done == [1], timeout=10_000)
+    assert all(job.finished for job in jobs)
+    assert [(k, v) for k, v, _ in events if k == "ran"] == [("ran", 1), ("ran", -1), ("ran", 3)]
+    assert not any(in_gui for k, _, in_gui in events if k == "ran")  # off the GUI thread
+    reported = [(k, v if not isinstance(v, Exception) else str(v), in_gui)
+                for k, v, in_gui in events if k != "ran"]  # fmt: skip
+    assert reported == [
+        ("returned", 2, True), ("finished", None, True),
+        ("errored", "negative", True), ("finished", None, True),
+        ("returned", 6, True), ("finished", None, True),
+    ]  # fmt: skip
+    late: list[int] = []
+    jobs[0].when_finished(lambda: late.append(1))  # already finished: called at once
+    assert late == [1]
