@@ -176,9 +176,10 @@ class SignalCancel:
     Python runs a signal handler only once the running torch call returns. So the
     signal is also delivered to a watcher thread through :func:`signal.set_wakeup_fd`,
     at once: it sets the token and, if the process still runs ``grace`` seconds later
-    and is not writing the result (:meth:`committing`), reports the cancellation and
-    ends the process with exit code 3. Nothing is on disk before the result is written,
-    so there is nothing to clean up.
+    and is not writing the result (:meth:`committing`) or the resume state
+    (:meth:`saving`), reports the cancellation and ends the process with exit code 3.
+    Before the result only the resume state is written, each file atomically and under
+    that lock, so there is nothing to clean up.
 
     Args:
         on_abort: Called by the watcher just before it ends the process (reports the
