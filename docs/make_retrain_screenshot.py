@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> None:
         viewer = napari.Viewer(title="napari-lvunet")
         first = sorted((data / "images").iterdir())[0]
         viewer.add_image(read_image(first), name=first.stem, rgb=True)
-        _dock, widget = viewer.window.add_plugin_dock_widget("napari-lvunet", "LV-UNet segmentation")
+        _dock, widget = viewer.window.add_plugin_dock_widget(
+            "napari-lvunet", "LV-UNet segmentation"
+        )
         widget.model.value = DEFAULT_MODEL
         widget.data_dir.value = data
         widget.steps.value = args.steps
