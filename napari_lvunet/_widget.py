@@ -388,6 +388,7 @@ class LVUNetWidget(Container):
 
         if weights_mod.DEFAULT_MODEL in self.model.choices:
             self.model.value = weights_mod.DEFAULT_MODEL
+        self.retrain.follow_picker()  # start on the current model version
 
         self.segment_button.changed.connect(self.segment)
         self.cancel_button.changed.connect(self.cancel)

@@ -28,6 +28,16 @@ def _isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]
 
 
 @pytest.fixture(autouse=True)
+def _private_models_folder(tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Give every test its own, empty model-versions folder.
+
+    A version accepted (made current) in one widget test would otherwise become the model
+    every later widget in the session starts on.
+    """
+    monkeypatch.setenv("NAPARI_LVUNET_MODELS", str(tmp_path / "lvunet-models"))
+
+
+@pytest.fixture(autouse=True)
 def _seeded() -> None:
     """Make every test's random draws reproducible.
 

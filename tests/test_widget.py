@@ -777,17 +777,20 @@ def test_finetune_from_widget_selects_new_weights(viewer_widget, qtbot, notes, t
     _wait_idle(qtbot, widget, timeout=300_000)
     assert not notes.messages("error"), notes.messages("error")
     assert _gone(job.pid)
-    new = Path(widget.model.value)
-    assert widget.model.value != before and new.parent == folder / "finetuned"
-    assert new.suffix == ".safetensors" and widget.model.current_choice == f"{new.name} (file)"
+    # The new model is a version, used only once the user accepts it.
+    assert widget.model.value == before and widget.retrain.outcome is not None
+    version = widget.retrain.outcome.version
+    new = Path(version.weights)
+    assert new.is_file() and list((folder / "finetuned").glob("*.safetensors"))
     # 4 training images (one of 5 held out) at 4 per step: one step per epoch, 2 in all;
     # every step was shown with its epoch, loss and time left.
     steps = [s for s in statuses if s.startswith("fine-tuning: epoch")]
     assert len(steps) == 2 and steps[0].startswith("fine-tuning: epoch 1 of ")
     assert "loss" in steps[0] and "left" in steps[0]
     assert (widget.progress.value, widget.progress.max) == (2, 2)
-    assert widget.status.value.startswith(f"fine-tuned: {new.name} (held-out Dice ")
-    assert str(new) in widget.details.value
+    widget.retrain.accept()
+    assert widget.model.value == str(new) and new.suffix == ".safetensors"
+    assert widget.status.value == f"using the new model {version.name}"
     assert widget.segment_button.enabled and not widget.cancel_button.enabled
     # napari's process never imported torch for this (checkable where nothing else did).
     assert ("torch" in sys.modules) == torch_before
@@ -822,7 +825,8 @@ def test_finetune_cancel_ends_the_child_and_writes_nothing(viewer_widget, qtbot,
     assert any("cancelled" in m for m in notes.messages("info"))
     assert not notes.messages("error")
     assert widget.model.choices == before
-    assert not (folder / "finetuned").exists() or not any((folder / "finetuned").iterdir())
+    # No weights; at most the complete state that "Resume" continues from.
+    assert not list((folder / "finetuned").glob("*.safetensors"))
     assert widget.segment_button.enabled and widget.finetune_button.enabled
 
 
