@@ -621,6 +621,7 @@ class LVUNetWidget(Container):
         stack = image is not None and image.ndim > 2
         self.scope.visible = self.live.visible = stack
         self.axes.visible = stack and not image.rgb
+        self.uncertain.visible = stack  # "Next uncertain slice" walks slices or frames
 
     @contextlib.contextmanager
     def _adding_layer(self) -> Iterator[None]:

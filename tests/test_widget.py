@@ -567,8 +567,10 @@ def test_controls_explain_themselves_and_results_can_be_outlines(viewer_widget, 
     widget.advanced.expanded = True  # live preview and axes are advanced choices
     viewer.add_image(np.zeros((128, 128), np.uint8), name="flat")
     assert not shown(widget.scope) and not shown(widget.live) and not shown(widget.axes)
+    assert not shown(widget.uncertain)
     viewer.add_image(np.zeros((3, 128, 128), np.uint8), name="stack")
     assert shown(widget.scope) and shown(widget.live) and shown(widget.axes)
+    assert shown(widget.uncertain)
 
     widget.outline.value = True
     widget.segment()
