@@ -397,3 +397,39 @@ def test_resume_after_a_crash_and_a_cancel_gives_the_same_weights(
 
     assert read_metadata(final)["finetune"]["resumed_from_step"] == 9
     assert not (out / "resume").exists()
+
+
+def test_replay_follows_what_the_start_model_learnt_from(
+    folder: Path, start_weights: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Kvasir-SEG replay helps a polyp model and would mislead a skin-lesion one."""
+    from napari_lvunet.model import LVUNet
+    from napari_lvunet.weights import DEFAULT_MODEL, read_metadata, save_weights
+    from training.adapt import DEFAULT_REPLAY
+    from training.finetune import default_replay, finetune, learnt_from
+
+    def weights(name: str, metadata: dict) -> Path:
+        path = tmp_path / f"{name}.safetensors"
+        return save_weights(LVUNet(1, fused=True), path, {"train_size": [SIZE, SIZE], **metadata})
+
+    def replay_share(start: Path, out: str, **options) -> float:
+        result = finetune(
+            folder, start, tmp_path / out, steps=1, batch_size=2, device="cpu",
+            reference=None, **options,
+        )  # fmt: skip
+        return read_metadata(result)["finetune"]["replay"]["share"]
+
+    assert "Kvasir-SEG" in learnt_from(DEFAULT_MODEL)
+    assert default_replay(DEFAULT_MODEL) == DEFAULT_REPLAY
+    # A fine-tune names its base: one of the bundled model is a Kvasir-SEG model too.
+    polyp = weights("polyp", {"finetune": {}, "base_weights": {"name": DEFAULT_MODEL}})
+    assert "Kvasir-SEG" in learnt_from(polyp) and default_replay(polyp) == DEFAULT_REPLAY
+    # Nothing recorded (or a base that is a file): unknown, the default holds.
+    assert learnt_from(start_weights) is None
+    assert default_replay(start_weights) == DEFAULT_REPLAY
+
+    skin = weights("skin", {"dataset": {"name": "isic-2016"}})
+    with caplog.at_level("WARNING"):
+        assert replay_share(skin, "auto") == 0.0
+    assert "learnt from isic-2016" in caplog.text and "--replay" in caplog.text
+    assert replay_share(skin, "explicit", replay=0.25) == 0.25  # the user's choice wins

@@ -142,7 +142,9 @@ __all__ = [
     "FinetuneError",
     "FinetuneResumeError",
     "SignalCancel",
+    "default_replay",
     "finetune",
+    "learnt_from",
     "main",
     "split_heldout",
 ]
@@ -332,6 +334,51 @@ def _matching_checkpoint(weights: Path) -> tuple[Path, dict[str, Any], LVUNet] |
         logger.info("not starting from %s: it does not fuse to the weights of %s", sibling, weights)
         return None
     return sibling, ckpt, model
+
+
+def learnt_from(weights: str | Path) -> str | None:
+    """The data set a start model learnt from, as its metadata records it; None if unknown.
+
+    A model trained from scratch names its data set (``dataset.name``); a fine-tune names
+    its base, whose data set is known when the base is a registry model. A checkpoint
+    (``.pt``), an unreadable file or a chain of fine-tunes is unknown.
+    """
+    from napari_lvunet.weights import WeightsError, read_metadata, registry
+
+    if str(weights).endswith(".pt"):
+        return None
+    try:
+        if str(weights) in registry():
+            return registry()[str(weights)].meta.get("dataset")
+        metadata = read_metadata(weights)
+    except (WeightsError, OSError):
+        return None  # loading the weights says why
+    dataset = metadata.get("dataset")
+    if "finetune" not in metadata:
+        return dataset.get("name") if isinstance(dataset, dict) else None
+    base = metadata.get("base_weights")
+    name = base.get("name") if isinstance(base, dict) else None
+    return registry()[name].meta.get("dataset") if name in registry() else None
+
+
+def default_replay(weights: str | Path) -> float:
+    """The replay share of a fine-tune that does not set ``--replay``.
+
+    The replay images are Kvasir-SEG polyps: they keep a polyp model from forgetting,
+    but would teach a skin-lesion or ultrasound model another task. So the share is
+    ``DEFAULT_REPLAY`` unless the start model is known to have learnt from another data
+    set (:func:`learnt_from`); then 0, with a warning that says how to mix them anyway.
+    """
+    source = learnt_from(weights)
+    if source is None or "kvasir" in str(source).lower():
+        return DEFAULT_REPLAY
+    logger.warning(
+        "fine-tuning without replay: the replay images are Kvasir-SEG polyps and the start "
+        "model learnt from %s (pass --replay %g to mix them in anyway)",
+        source,
+        DEFAULT_REPLAY,
+    )
+    return 0.0
 
 
 def _load_start(weights: str | Path) -> tuple[LVUNet, tuple[int, int], dict[str, Any]]:
@@ -628,7 +675,7 @@ def finetune(
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH_SIZE,
     heldout_fraction: float = 0.2,
-    replay: float = DEFAULT_REPLAY,
+    replay: float | None = None,
     changed_weight: float = DEFAULT_CHANGED_WEIGHT,
     augment: str = DEFAULT_AUGMENT,
     device: str = "auto",
@@ -708,7 +755,7 @@ def finetune(
             seed=seed,
             batch_size=batch_size,
             heldout_fraction=heldout_fraction,
-            replay=replay,
+            replay=default_replay(weights) if replay is None else replay,
             changed_weight=changed_weight,
             augment=augment,
             device=device,
@@ -1134,10 +1181,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--replay",
         type=parse_share,
-        default=DEFAULT_REPLAY,
+        default=None,
         metavar="SHARE",
         help="share of every batch taken from the shipped Kvasir-SEG replay images, "
-        f"against forgetting (default {DEFAULT_REPLAY:g}; 0 = off)",
+        f"against forgetting (default {DEFAULT_REPLAY:g}, or 0 for a start model that "
+        "learnt from another data set; 0 = off)",
     )
     p.add_argument(
         "--changed-weight",
