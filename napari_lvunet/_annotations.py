@@ -208,7 +208,7 @@ def image_digest(array: np.ndarray) -> str:
     return h.hexdigest()
 
 
-_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
 _DIGESTS_LOCK = threading.Lock()
 _DIGESTS_MAX = 100_000
 
@@ -216,15 +216,15 @@ _DIGESTS_MAX = 100_000
 def file_digest(path: str | Path) -> str:
     """:func:`image_digest` of an image file's decoded pixels (``io.read_image``).
 
-    Remembered per file (path, inode, size, modification time), so saving into a large
-    dataset decodes each of its images once per session.
+    Remembered per file (path, inode, size, modification and status-change times), so
+    saving into a large dataset decodes each of its images once per session.
 
     Raises:
         OSError, ValueError: If the file cannot be read or decoded.
     """
     path = Path(path)
     st = path.stat()
-    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     with _DIGESTS_LOCK:
         known = _DIGESTS.get(key)
     if known is not None:
@@ -341,10 +341,12 @@ def _same_name_files(folder: Path, name: str) -> list[Path]:
 class _DigestIndex:
     """The digests of a dataset's images, kept in :data:`DIGESTS_FILE` beside them.
 
-    ``{file name: [size, mtime_ns, digest]}``: an entry whose file changed size or
-    modification time since, or that is malformed, is recomputed; a damaged index is
+    ``{file name: [size, mtime_ns, inode, ctime_ns, digest]}``: an entry whose file
+    changed any of these since, or that is malformed, is recomputed; a damaged index is
     ignored (and rewritten). Without it, a new session would decode every image of a
-    large dataset on its first save.
+    large dataset on its first save. The inode and status-change time catch a file
+    replaced by another of the same size whose modification time was restored (``cp -p``,
+    ``rsync -a``, unpacking an archive): ``os.utime`` cannot set the status-change time.
     """
 
     def __init__(self, root: Path) -> None:
@@ -365,26 +367,30 @@ class _DigestIndex:
             name: entry
             for name, entry in data.items()
             if isinstance(entry, list)
-            and len(entry) == 3
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in entry[:2])
-            and isinstance(entry[2], str)
-            and re.fullmatch(r"[0-9a-f]{64}", entry[2])
+            and len(entry) == 5
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in entry[:4])
+            and isinstance(entry[4], str)
+            and re.fullmatch(r"[0-9a-f]{64}", entry[4])
         }
 
-    def digest(self, path: Path) -> str:
+    @staticmethod
+    def _stamp(path: Path) -> list[int]:
         st = path.stat()
+        return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+
+    def digest(self, path: Path) -> str:
+        stamp = self._stamp(path)
         entry = self.known.get(path.name)
-        if entry is not None and entry[:2] == [st.st_size, st.st_mtime_ns]:
-            return str(entry[2])
+        if entry is not None and entry[:4] == stamp:
+            return str(entry[4])
         digest = file_digest(path)
-        self.known[path.name] = [st.st_size, st.st_mtime_ns, digest]
+        self.known[path.name] = [*stamp, digest]
         self.changed = True
         return digest
 
     def add(self, path: Path, digest: str) -> None:
         """Record the digest of an image just written (no need to decode it again)."""
-        st = path.stat()
-        self.known[path.name] = [st.st_size, st.st_mtime_ns, digest]
+        self.known[path.name] = [*self._stamp(path), digest]
         self.changed = True
 
     def save(self, present: Iterable[str]) -> None:

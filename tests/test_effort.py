@@ -231,6 +231,48 @@ def test_a_new_session_does_not_decode_the_saved_images_again(tmp_path: Path, mo
     assert len(json.loads(index.read_text())) == 4
 
 
+def test_an_image_replaced_with_its_time_restored_is_decoded_again(
+    tmp_path: Path,
+) -> None:
+    """images/x.tif replaced by another picture of the same byte size, its modification
+    time put back (cp -p, rsync -a, unpacking): a new session must see the new picture,
+    not the digest the index kept for the old one, or an update pairs the wrong image."""
+    import os
+    import time
+
+    from napari_lvunet import _annotations
+
+    rng = np.random.default_rng(7)
+    old, new = (rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(2))
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    x = tmp_path / "images" / "x.tif"
+    PILImage.fromarray(old).save(x)  # uncompressed: any 48x64 RGB picture has this size
+    PILImage.fromarray(np.zeros((48, 64), np.uint8)).save(tmp_path / "masks" / "x.tif")
+    other_image, other_labels = _stack(seed=3, n=1)
+    save_for_training(other_image[0], other_labels[0], tmp_path, "other", rgb=True)
+    index = json.loads((tmp_path / _annotations.DIGESTS_FILE).read_text())
+    assert index["x.tif"][-1] == image_digest(old)
+
+    st = x.stat()
+    time.sleep(0.05)  # past the file system's clock tick
+    PILImage.fromarray(new).save(x)  # in place, as cp -p does
+    os.utime(x, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert x.stat().st_size == st.st_size and x.stat().st_mtime_ns == st.st_mtime_ns
+    _annotations._DIGESTS.clear()  # a new napari session
+
+    mask = np.zeros((48, 64), np.uint8)
+    mask[5:9, 5:9] = 1
+    # The old picture is no longer in the dataset: a new pair, not an update of x.tif.
+    (item,) = save_for_training(old, mask, tmp_path, "old", rgb=True).items
+    assert item.status == "written" and item.image.name == "old.png"
+    # The new picture is x.tif's, saved with another mask.
+    with pytest.raises(DuplicateImageError, match=r"images/x\.tif"):
+        save_for_training(new, mask, tmp_path, "new", rgb=True)
+    index = json.loads((tmp_path / _annotations.DIGESTS_FILE).read_text())
+    assert index["x.tif"][-1] == image_digest(new)
+
+
 # ------------------------------------------------------------------ the records
 
 
