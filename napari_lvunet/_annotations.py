@@ -405,6 +405,13 @@ class _DigestIndex:
             logger.warning("cannot keep the image digests in %s: %s", self.path, err)
 
 
+def _image_names(images_dir: Path) -> list[str]:
+    """The names of the dataset's images (what the digest index keeps)."""
+    if not images_dir.is_dir():
+        return []
+    return [p.name for p in images_dir.iterdir() if p.suffix.lower() in PAIR_SUFFIXES]
+
+
 def _saved_images(images_dir: Path, index: _DigestIndex) -> dict[str, list[Path]]:
     """The dataset's images by :func:`file_digest`; unreadable files are skipped (logged)."""
     found: dict[str, list[Path]] = {}
@@ -785,6 +792,7 @@ def save_for_training(
             if not same:
                 clashes.append((plan.slices[0], path, mask_path))
     if clashes and duplicates == "refuse":
+        digests.save(_image_names(images_dir))  # the next try need not decode them again
         raise DuplicateImageError(_clash_message(root, clashes), clashes)
 
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -829,7 +837,7 @@ def save_for_training(
                 first = done
         assert first is not None
         items.append(first)
-    digests.save(p.name for p in images_dir.iterdir() if p.suffix.lower() in PAIR_SUFFIXES)
+    digests.save(_image_names(images_dir))
     result = SaveResult(tuple(items))
     logger.info("saved to %s: %s", root, result.summary())
     return result

@@ -273,6 +273,36 @@ def test_an_image_replaced_with_its_time_restored_is_decoded_again(
     assert index["x.tif"][-1] == image_digest(new)
 
 
+def test_a_refused_save_keeps_the_digests_it_computed(tmp_path: Path, monkeypatch) -> None:
+    """A save refused as a duplicate has decoded the dataset's images: it writes the
+    index before raising, so the next session (the user's second try) decodes nothing."""
+    from napari_lvunet import _annotations
+
+    image, labels = _stack()
+    save_for_training(image, labels, tmp_path, "scan", rgb=True)
+    index = tmp_path / _annotations.DIGESTS_FILE
+    index.unlink()  # e.g. a dataset copied without its hidden files
+    _annotations._DIGESTS.clear()
+    changed = labels.copy()
+    changed[0, 0:4, 0:4] = 1
+    with pytest.raises(DuplicateImageError):
+        save_for_training(image[0], changed[0], tmp_path, "scan", rgb=True)
+    assert sorted(json.loads(index.read_text())) == [f"scan_z00{i}.png" for i in range(3)]
+
+    decoded: list[str] = []
+    real = _annotations.read_image
+
+    def counting(path, **kw):
+        decoded.append(Path(path).name)
+        return real(path, **kw)
+
+    monkeypatch.setattr(_annotations, "read_image", counting)
+    _annotations._DIGESTS.clear()  # a new napari session
+    with pytest.raises(DuplicateImageError):
+        save_for_training(image[0], changed[0], tmp_path, "scan", rgb=True)
+    assert decoded == ["scan_z000.png"]  # only the clashing pair's mask, to compare
+
+
 # ------------------------------------------------------------------ the records
 
 
