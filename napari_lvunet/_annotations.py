@@ -628,21 +628,40 @@ def _keep(path: Path, history: Path) -> None:
     atomic_write(target / path.name, lambda fh: fh.write(data), overwrite=False)
 
 
-def _write_new(root: Path, name: str, plan: _Planned, provenance: Any, now: str) -> SavedPair:
-    image_path, mask_path = root / "images" / f"{name}.png", root / "masks" / f"{name}.png"
-    proposal_path = root / PROPOSALS_DIR / f"{name}.png" if plan.proposal is not None else None
-    record_path = root / RECORDS_DIR / f"{name}.json"
-    record = correction_record(
-        image=f"images/{image_path.name}",
-        mask=f"masks/{mask_path.name}",
+def _record_of(
+    root: Path,
+    image_path: Path,
+    mask_path: Path,
+    proposal_path: Path | None,
+    plan: _Planned,
+    provenance: Any,
+    now: str,
+    previous: Path | None = None,
+) -> dict[str, Any]:
+    """The :func:`correction_record` of a pair about to be written (paths under ``root``)."""
+
+    def rel(path: Path | None) -> str | None:
+        return None if path is None else path.relative_to(root).as_posix()
+
+    return correction_record(
+        image=str(rel(image_path)),
+        mask=str(rel(mask_path)),
         slice_index=plan.source,
         digest=plan.digest,
         corrected=plan.mask,
         proposal=plan.proposal,
         provenance=provenance,
-        proposal_file=None if proposal_path is None else f"{PROPOSALS_DIR}/{name}.png",
+        proposal_file=rel(proposal_path),
+        previous=rel(previous),
         time=now,
     )
+
+
+def _write_new(root: Path, name: str, plan: _Planned, provenance: Any, now: str) -> SavedPair:
+    image_path, mask_path = root / "images" / f"{name}.png", root / "masks" / f"{name}.png"
+    proposal_path = root / PROPOSALS_DIR / f"{name}.png" if plan.proposal is not None else None
+    record_path = root / RECORDS_DIR / f"{name}.json"
+    record = _record_of(root, image_path, mask_path, proposal_path, plan, provenance, now)
     # overwrite=False: refuse to replace a file that appeared since the name was chosen;
     # the atomic writes mean a crash never leaves half a file in the training data.
     done: list[Path] = []
@@ -681,17 +700,8 @@ def _update(
         if path is not None and path.is_file():
             _keep(path, history)
     proposal_path = old_proposal if plan.proposal is not None else None
-    record = correction_record(
-        image=f"images/{image_path.name}",
-        mask=f"masks/{mask_path.name}",
-        slice_index=plan.source,
-        digest=plan.digest,
-        corrected=plan.mask,
-        proposal=plan.proposal,
-        provenance=provenance,
-        proposal_file=None if proposal_path is None else f"{PROPOSALS_DIR}/{name}.png",
-        previous=history.relative_to(root).as_posix(),
-        time=now,
+    record = _record_of(
+        root, image_path, mask_path, proposal_path, plan, provenance, now, previous=history
     )
     atomic_write(mask_path, _mask_writer(plan.mask), overwrite=True)
     if old_mask is not None and old_mask != mask_path:
