@@ -685,27 +685,30 @@ def _write_new(root: Path, name: str, plan: _Planned, provenance: Any, now: str)
 def _update(
     root: Path,
     image_path: Path,
-    old_mask: Path | None,
     plan: _Planned,
     provenance: Any,
     now: str,
     history: Path,
 ) -> SavedPair:
-    """Give an existing pair of the same image the new mask, after keeping the old one."""
+    """Give an existing pair of the same image the new mask, after keeping in ``history``
+    every file it replaces or removes: all masks of the image's stem (``foo.jpg`` and
+    ``foo.png`` may both be there), its record and its proposal."""
     name = image_path.stem
     mask_path = root / "masks" / f"{name}.png"
+    old_masks = _same_name_files(root / "masks", name)
     old_record = root / RECORDS_DIR / f"{name}.json"
     old_proposal = root / PROPOSALS_DIR / f"{name}.png"
-    for path in (old_mask, old_record, old_proposal):
-        if path is not None and path.is_file():
+    for path in (*old_masks, old_record, old_proposal):
+        if path.is_file():
             _keep(path, history)
     proposal_path = old_proposal if plan.proposal is not None else None
     record = _record_of(
         root, image_path, mask_path, proposal_path, plan, provenance, now, previous=history
     )
     atomic_write(mask_path, _mask_writer(plan.mask), overwrite=True)
-    if old_mask is not None and old_mask != mask_path:
-        old_mask.unlink(missing_ok=True)  # kept in history; one mask per stem for training
+    for path in old_masks:
+        if path != mask_path:
+            path.unlink(missing_ok=True)  # kept in history; one mask per stem for training
     if plan.proposal is not None:
         atomic_write(old_proposal, _mask_writer(plan.proposal), overwrite=True)
     else:
@@ -841,7 +844,7 @@ def save_for_training(
                 if history is None:
                     history = _history_folder(root, stamp)
                 done = _update(
-                    root, path, mask_path, plan, _run_of(provenance, plan), now.isoformat(), history
+                    root, path, plan, _run_of(provenance, plan), now.isoformat(), history
                 )
             if first is None or (first.status == "unchanged" and done.status == "updated"):
                 first = done

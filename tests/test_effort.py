@@ -180,6 +180,33 @@ def test_update_of_a_pair_with_a_tiff_mask_leaves_one_mask(tmp_path: Path) -> No
     assert [p.stem for p in find_pairs(tmp_path)] == ["hand"]
 
 
+def test_update_keeps_every_mask_of_the_stem_in_history(tmp_path: Path) -> None:
+    """images/foo.png with both masks/foo.jpg and masks/foo.png: an update writes
+    masks/foo.png, so both old masks go to history first; none is lost."""
+    from training.data import find_pairs
+
+    image, labels = _stack(n=1)
+    for folder in ("images", "masks"):
+        (tmp_path / folder).mkdir()
+    PILImage.fromarray(image[0]).save(tmp_path / "images" / "foo.png")
+    jpg_mask = np.zeros((48, 64), np.uint8)
+    jpg_mask[0:20, 0:20] = 255
+    png_mask = np.zeros((48, 64), np.uint8)
+    png_mask[30:, 40:] = 255
+    PILImage.fromarray(jpg_mask).save(tmp_path / "masks" / "foo.jpg")
+    PILImage.fromarray(png_mask).save(tmp_path / "masks" / "foo.png")
+    old = {name: (tmp_path / "masks" / name).read_bytes() for name in ("foo.jpg", "foo.png")}
+
+    result = save_for_training(image[0], labels[0], tmp_path, "x", rgb=True, duplicates="update")
+    (item,) = result.items
+    assert item.status == "updated" and item.mask == tmp_path / "masks" / "foo.png"
+    kept = {p.name: p.read_bytes() for p in (item.history / "masks").iterdir()}
+    assert kept == old
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["foo.png"]
+    np.testing.assert_array_equal(np.asarray(PILImage.open(item.mask)), (labels[0] > 0) * 255)
+    assert [p.stem for p in find_pairs(tmp_path)] == ["foo"]
+
+
 def test_one_image_twice_in_one_save_is_one_pair(tmp_path: Path) -> None:
     image, labels = _stack()
     image[2] = image[0]  # a video that holds the same frame twice
