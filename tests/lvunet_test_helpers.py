@@ -60,3 +60,29 @@ def randomize_batchnorms(module: Any, seed: int = 0) -> None:
                 m.running_var.copy_(torch.empty(n).uniform_(0.5, 2.0, generator=gen))
                 m.weight.copy_(torch.empty(n).uniform_(0.5, 1.5, generator=gen))
                 m.bias.copy_(0.2 * torch.randn(n, generator=gen))
+
+
+def process_gone(pid: int) -> bool:
+    """Whether no process has the id ``pid`` any more."""
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def assert_only_a_resume_state(data: Path, weights: str | Path) -> None:
+    """A cancelled fine-tune of ``weights`` on ``data`` left no weights and no stray file:
+    at most the complete state that "Resume" goes on from."""
+    from napari_lvunet.finetune_events import find_resume
+
+    out = data / "finetuned"
+    state = find_resume(data, weights)
+    files = sorted(p.name for p in out.rglob("*")) if out.exists() else []
+    if state is None:
+        assert files == [], files
+        return
+    assert state.tensors.is_file() and 1 <= state.step < state.total_steps
+    assert files == sorted(["resume", state.path.name, state.tensors.name]), files

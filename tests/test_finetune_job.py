@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from lvunet_test_helpers import tiny_pairs_folder, weights_in_child
+from lvunet_test_helpers import assert_only_a_resume_state, tiny_pairs_folder, weights_in_child
 
 from napari_lvunet._finetune_job import (
     KILL_AFTER_S,
@@ -27,7 +27,6 @@ from napari_lvunet._finetune_job import (
     FinetuneStep,
     finetune_argv,
 )
-from napari_lvunet.finetune_events import find_resume
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="signals as on Linux and macOS")
 
@@ -139,14 +138,7 @@ def test_cancel_stops_a_real_finetune_and_writes_nothing(tmp_path, weights_file)
     with pytest.raises(ProcessLookupError):
         os.kill(job.pid, 0)
     # No weights; at most the complete state that "Resume" goes on from.
-    out = folder / "finetuned"
-    assert not out.exists() or not any(out.glob("*.safetensors"))
-    state = find_resume(folder, weights_file)
-    if state is not None:
-        assert state.tensors.is_file() and 1 <= state.step < state.total_steps
-        assert sorted(p.name for p in out.rglob("*")) == sorted(
-            ["resume", state.path.name, state.tensors.name]
-        )
+    assert_only_a_resume_state(folder, weights_file)
     assert stopped_after < 5.0, stopped_after
 
 

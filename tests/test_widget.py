@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import http.server
-import os
 import sys
 import threading
 import time
@@ -18,7 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from lvunet_test_helpers import tiny_pairs_folder, weights_in_child
+from lvunet_test_helpers import (
+    assert_only_a_resume_state,
+    process_gone,
+    tiny_pairs_folder,
+    weights_in_child,
+)
 from PIL import Image as PILImage
 
 from napari_lvunet._annotations import (
@@ -752,14 +756,6 @@ def test_overwrite_replaces_only_the_widgets_probability_layer(viewer_widget, qt
     np.testing.assert_array_equal(viewer.layers["img probability"].data, users)
 
 
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
 @pytest.mark.gui
 @pytest.mark.slow
 def test_finetune_from_widget_selects_new_weights(viewer_widget, qtbot, notes, tmp_path) -> None:
@@ -778,7 +774,7 @@ def test_finetune_from_widget_selects_new_weights(viewer_widget, qtbot, notes, t
     assert not widget.segment_button.enabled and widget.cancel_button.enabled
     _wait_idle(qtbot, widget, timeout=300_000)
     assert not notes.messages("error"), notes.messages("error")
-    assert _gone(job.pid)
+    assert process_gone(job.pid)
     # The new model is a version, used only once the user accepts it.
     assert widget.model.value == before and widget.retrain.outcome is not None
     version = widget.retrain.outcome.version
@@ -822,13 +818,12 @@ def test_finetune_cancel_ends_the_child_and_writes_nothing(viewer_widget, qtbot,
     assert widget.status.value == "cancelling..."
     _wait_idle(qtbot, widget, timeout=10_000)
     assert time.monotonic() - t0 < 5.0
-    assert _gone(job.pid) and job.returncode is not None
+    assert process_gone(job.pid) and job.returncode is not None
     assert widget.status.value == "cancelled"
     assert any("cancelled" in m for m in notes.messages("info"))
     assert not notes.messages("error")
     assert widget.model.choices == before
-    # No weights; at most the complete state that "Resume" continues from.
-    assert not list((folder / "finetuned").glob("*.safetensors"))
+    assert_only_a_resume_state(folder, widget.model.value)
     assert widget.segment_button.enabled and widget.finetune_button.enabled
 
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from lvunet_test_helpers import tiny_pairs_folder, weights_in_child
+from lvunet_test_helpers import process_gone, tiny_pairs_folder, weights_in_child
 
 from napari_lvunet import versions
 from napari_lvunet.finetune_events import EXIT_OK, find_resume
@@ -94,14 +94,6 @@ def _rows(retrain) -> list[list[str]]:
 
 def _change(pair) -> str:
     return f"{pair[1] - pair[0]:+.3f}"
-
-
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 @pytest.mark.slow
@@ -204,7 +196,7 @@ def test_a_running_finetune_keeps_its_start_version_and_cancel_offers_resume(
     t0 = time.monotonic()
     widget.cancel()
     _wait_idle(qtbot, widget, timeout=10_000)
-    assert time.monotonic() - t0 < 5.0 and _gone(job.pid)
+    assert time.monotonic() - t0 < 5.0 and process_gone(job.pid)
     assert widget.status.value == "cancelled"
     state = find_resume(folder, version.weights)
     assert state is not None and state.step >= 5 and state.total_steps == 5000
