@@ -75,9 +75,13 @@ _DEVICES = ("auto", "cpu", "cuda", "mps")
 
 # A Segment that ends sooner never shows a busy state, only its result (ms).
 _BUSY_LOOK_MS = 150
-# A live-preview slice that took at most this long (s) is segmented at once, in the GUI
-# thread: the slice and its labels show together, in one repaint. The first slice (the
-# model loads), larger slices and anything slower go to the job thread.
+# Live preview: a slice is segmented at once, in the GUI thread (the slice and its labels
+# show together, in one repaint) only when the last run measured for the same model,
+# device, sizing, slice shape and dtype took at most this long (s), the slice has at most
+# _INLINE_PREVIEW_PIXELS pixels, and the model's segmenter is still in the pool (never
+# loaded in the GUI thread). Anything else goes to the job thread, which measures again:
+# after a slow run every step goes there, and in-line runs resume once a job-thread run
+# (or an in-line one) was quick enough again.
 _INLINE_PREVIEW_S = 0.04
 _INLINE_PREVIEW_PIXELS = 1920 * 1080  # a first try in the GUI thread only up to this
 
@@ -143,6 +147,7 @@ class _Result:
     backend: str
     weights_name: str = ""
     weights_sha256: str = ""
+    seconds: float = 0.0  # what segmenting took, the model already loaded
 
 
 @dataclass
@@ -270,10 +275,9 @@ class LVUNetWidget(Container):
         self._busy_look = False  # whether the running job shows as busy (see _start)
         self._models_changed = False  # a job downloaded a model: refresh the picker
         self._preview_pending: tuple[Image, SliceIndex] | None = None
-        # Live preview, per (model, device, sizing, slice shape, dtype): segmented once on
-        # the job thread (the model is loaded), and the seconds it took in the GUI thread.
-        self._preview_warm: set[tuple] = set()
         self._sliced_after = False  # napari slices the layers right after (see _on_step)
+        # Live preview, per (model, device, sizing, slice shape, dtype): the seconds the
+        # latest run took (on the job thread or in the GUI thread), model load excluded.
         self._preview_cost: dict[tuple, float] = {}
         self._progress = _Progress()
         self._progress.changed.connect(self._on_progress)
@@ -767,9 +771,17 @@ class LVUNetWidget(Container):
             for c, n in zip(coords[:n_leading], shape, strict=True)
         )
 
-    def _run(self, request: _Request, cancel: threading.Event | None) -> _Result:
-        """Worker body: load the model (maybe download), segment."""
-        segmenter = self._segmenter(request.model_key, request.device)
+    def _run(
+        self,
+        request: _Request,
+        cancel: threading.Event | None,
+        segmenter: Segmenter | None = None,
+    ) -> _Result:
+        """Worker body: load the model (maybe download) unless ``segmenter`` is given,
+        segment; the result carries the seconds segmenting took (load excluded)."""
+        if segmenter is None:
+            segmenter = self._segmenter(request.model_key, request.device)
+        start = time.perf_counter()
         n_slices = int(np.prod(request.data.shape[: request.axes.index("Y")]))
         out = segmenter.segment(
             request.data,
@@ -784,6 +796,7 @@ class LVUNetWidget(Container):
         labels, probabilities = out if request.probabilities else (out, None)
         if probabilities is not None and probabilities.ndim > labels.ndim:
             probabilities = 1.0 - probabilities[0]  # multi-class: P(not background)
+        seconds = time.perf_counter() - start
         info = segmenter.info  # None only for a bare model, never from the widget's pool
         return _Result(
             request,
@@ -793,6 +806,7 @@ class LVUNetWidget(Container):
             segmenter.backend,
             weights_name=info.name if info is not None else "",
             weights_sha256=info.sha256 if info is not None else "",
+            seconds=seconds,
         )
 
     def segment(self) -> None:
@@ -1285,36 +1299,45 @@ class LVUNetWidget(Container):
             tuple(request.data.shape),
             str(request.data.dtype),
         )
-        n_pixels = int(np.prod(request.data.shape[:2]))  # the slice's Y and X
-        if (
-            cost_key in self._preview_warm
-            and n_pixels <= _INLINE_PREVIEW_PIXELS
-            and self._preview_cost.get(cost_key, 0.0) <= _INLINE_PREVIEW_S
-        ):
-            # Quick enough to do now: the slice and its labels show in one repaint (a
-            # background job would let napari repaint the new slice first, then repaint
+        segmenter = self._inline_segmenter(request, cost_key)
+        if segmenter is not None:
+            # Measured quick and loaded: done now, the slice and its labels show in one
+            # repaint (a background job would let napari repaint the new slice first, then
             # again for its labels, each repaint taking the CPU the job needs).
-            start = time.perf_counter()
             try:
-                result = self._run(request, None)
+                result = self._run(request, None, segmenter)
             except Exception as err:  # shown as the job thread's would be
                 self._on_preview_error(err)
                 return
             # Slower than the budget (a slow machine, a heavy load): the job thread next.
-            self._preview_cost[cost_key] = time.perf_counter() - start
+            self._preview_cost[cost_key] = result.seconds
             self._on_preview(result)
             return
         self._preview_worker = run_in_background(
             self._run,
             request,
             None,
-            returned=functools.partial(self._on_warm_preview, cost_key),
+            returned=functools.partial(self._on_background_preview, cost_key),
             errored=self._on_preview_error,
             finished=self._on_preview_finished,
         )
 
-    def _on_warm_preview(self, cost_key: tuple, result: _Result) -> None:
-        self._preview_warm.add(cost_key)  # the model is loaded: the next may run at once
+    def _inline_segmenter(self, request: _Request, cost_key: tuple) -> Segmenter | None:
+        """The pooled segmenter to run this preview slice with in the GUI thread, or None
+        for the job thread: a run of this kind was measured at most _INLINE_PREVIEW_S, the
+        slice is small enough, and the model is still in the pool (never loaded here)."""
+        cost = self._preview_cost.get(cost_key)
+        if cost is None or cost > _INLINE_PREVIEW_S:
+            return None
+        if int(np.prod(request.data.shape[:2])) > _INLINE_PREVIEW_PIXELS:  # Y and X
+            return None
+        try:
+            return default_pool().peek(request.model_key, device=request.device)
+        except OSError:  # the weights file went away: the job thread reports it
+            return None
+
+    def _on_background_preview(self, cost_key: tuple, result: _Result) -> None:
+        self._preview_cost[cost_key] = result.seconds  # decides where the next one runs
         self._on_preview(result)
 
     @_if_alive

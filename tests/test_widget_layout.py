@@ -205,6 +205,70 @@ def test_quick_jobs_answer_without_a_busy_flash(docked, qtbot, weights_file, mon
     assert layer.data[1].any()
 
 
+def _stack_with_live_preview(viewer, widget, weights_file) -> None:
+    """A 5-slice stack, a random network, live preview on (its first slice on the job
+    thread), slice 0 on display."""
+    widget.add_weights_file(weights_file)
+    widget.threshold.value = 0.05  # a random network: make sure slices get foreground
+    viewer.add_image(np.random.default_rng(5).integers(0, 256, (5, 128, 128), dtype=np.uint8),
+                     name="vol")  # fmt: skip
+    viewer.dims.set_current_step(0, 0)
+    widget.live.value = True
+    assert widget._preview_worker is not None  # nothing measured yet: the job thread
+
+
+def test_live_preview_goes_inline_only_after_a_measured_quick_run(
+    docked, qtbot, weights_file, monkeypatch
+) -> None:
+    """Issue 10 (review): the job-thread run is timed; a slow one keeps the next slider step
+    off the GUI thread, and a later quick job-thread run lets steps run in-line again."""
+    from napari_lvunet import _widget
+
+    viewer, _dock, widget = docked
+    monkeypatch.setattr(_widget, "_INLINE_PREVIEW_S", 0.0)  # any measured run is too slow
+    _stack_with_live_preview(viewer, widget, weights_file)
+    _wait_idle(qtbot, widget)
+    layer = viewer.layers["vol labels"]
+    assert layer.data[0].any()
+    assert next(iter(widget._preview_cost.values())) > 0.0  # measured on the job thread
+
+    viewer.dims.set_current_step(0, 2)  # the first step after warm-up: not in-line
+    assert widget._preview_worker is not None and not layer.data[2].any()
+    _wait_idle(qtbot, widget)
+    assert layer.data[2].any()
+
+    monkeypatch.setattr(_widget, "_INLINE_PREVIEW_S", 10.0)  # the machine got quick again
+    viewer.dims.set_current_step(0, 4)  # decided by slice 2's job-thread time: in-line
+    assert widget._preview_worker is None and layer.data[4].any()
+
+
+def test_live_preview_never_loads_a_model_in_the_gui_thread(
+    docked, qtbot, weights_file, monkeypatch
+) -> None:
+    """Issue 10 (review): a model the pool evicted goes back to the job thread, however
+    quick its slices were; the pool's peek never builds a segmenter."""
+    from napari_lvunet import _widget
+    from napari_lvunet.inference import default_pool
+
+    viewer, _dock, widget = docked
+    monkeypatch.setattr(_widget, "_INLINE_PREVIEW_S", 10.0)  # any time is quick enough
+    _stack_with_live_preview(viewer, widget, weights_file)
+    _wait_idle(qtbot, widget)
+    layer = viewer.layers["vol labels"]
+    model, device = widget.model.value, widget.device.value
+    assert default_pool().peek(model, device=device) is not None
+
+    default_pool().clear()  # evicted (as by four other models)
+    assert default_pool().peek(model, device=device) is None and len(default_pool()) == 0
+    viewer.dims.set_current_step(0, 2)
+    assert widget._preview_worker is not None and not layer.data[2].any()  # job thread
+    _wait_idle(qtbot, widget)
+    assert layer.data[2].any() and default_pool().peek(model, device=device) is not None
+
+    viewer.dims.set_current_step(0, 3)  # loaded again, measured quick: in-line
+    assert widget._preview_worker is None and layer.data[3].any()
+
+
 def test_job_thread_runs_jobs_in_order_and_reports_in_the_gui_thread(qtbot) -> None:
     import threading
 

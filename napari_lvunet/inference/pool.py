@@ -43,6 +43,24 @@ def _model_key(model: Any) -> tuple[Any, ...]:
     return ("model", ModelSource.from_any(model).key)
 
 
+def _pool_key(
+    model: Any,
+    device: str,
+    backend: str,
+    bf16: bool,
+    num_threads: int | None,
+    cache_dir: str | os.PathLike[str] | None,
+) -> tuple[Any, ...]:
+    return (
+        _model_key(model),
+        str(device),
+        backend,
+        bool(bf16),
+        num_threads,
+        None if cache_dir is None else str(cache_dir),
+    )
+
+
 class SegmenterPool:
     """Segmenters by model, device, backend and options; the least recently used go first.
 
@@ -70,14 +88,7 @@ class SegmenterPool:
         progressbar: bool | Any = False,
     ) -> Segmenter:
         """The segmenter for these settings, built on first use (see :class:`Segmenter`)."""
-        key = (
-            _model_key(model),
-            str(device),
-            backend,
-            bool(bf16),
-            num_threads,
-            None if cache_dir is None else str(cache_dir),
-        )
+        key = _pool_key(model, device, backend, bf16, num_threads, cache_dir)
         with self._lock:
             found = self._items.get(key)
             if found is not None:
@@ -98,6 +109,23 @@ class SegmenterPool:
             while len(self._items) > self.maxsize:
                 self._items.popitem(last=False)
         return segmenter
+
+    def peek(
+        self,
+        model: Any,
+        *,
+        device: str = "auto",
+        backend: str = "auto",
+        bf16: bool = False,
+        num_threads: int | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> Segmenter | None:
+        """The segmenter :meth:`get` would hand out for these settings, or None if it is not
+        in the pool (never built, or evicted). Never builds one, never downloads, and leaves
+        the least-recently-used order as it was."""
+        key = _pool_key(model, device, backend, bf16, num_threads, cache_dir)
+        with self._lock:
+            return self._items.get(key)
 
     def clear(self) -> None:
         """Forget every segmenter (their sessions close when no caller holds them)."""
