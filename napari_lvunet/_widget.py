@@ -86,6 +86,27 @@ _INLINE_PREVIEW_S = 0.04
 _INLINE_PREVIEW_PIXELS = 1920 * 1080  # a first try in the GUI thread only up to this
 
 
+def _cancel_segment(widget: weakref.ReferenceType, *_args: Any) -> None:
+    """Cancel the widget's running Segment, if the widget is still there (a weak reference:
+    the Qt connection must not keep it alive)."""
+    alive = widget()
+    if alive is not None:
+        alive._cancel.set()
+
+
+class _UndockWatch(QObject):
+    """Calls ``on_undock`` when the watched widget loses its parent (its dock closed)."""
+
+    def __init__(self, on_undock: Callable[[], None]) -> None:
+        super().__init__()
+        self._on_undock = on_undock
+
+    def eventFilter(self, obj: QObject, event: QEvent) -> bool:  # noqa: N802 - Qt's name
+        if event.type() == QEvent.Type.ParentChange and obj.parent() is None:
+            self._on_undock()
+        return False
+
+
 class _Progress(QObject):
     """Carries progress from a worker thread to the GUI thread (a queued connection)."""
 
@@ -418,6 +439,13 @@ class LVUNetWidget(Container):
             # First in line: a live-preview slice segmented at once is in the Labels layer
             # before napari slices its layers for the new point (no second slicing).
             emitter.connect(callback, position="first" if callback == self._on_step else "last")
+        # Closing the dock takes this widget out of it (napari reparents it to nothing) and
+        # closing the viewer deletes it: either way a running Segment stops at its next
+        # check instead of segmenting on for a result nobody sees.
+        cancel = functools.partial(_cancel_segment, weakref.ref(self))
+        self._undock_watch = _UndockWatch(cancel)
+        self.native.installEventFilter(self._undock_watch)
+        self.native.destroyed.connect(cancel)
 
     def _alive(self) -> bool:
         try:

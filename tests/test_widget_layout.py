@@ -269,6 +269,20 @@ def test_live_preview_never_loads_a_model_in_the_gui_thread(
     assert widget._preview_worker is None and layer.data[3].any()
 
 
+def test_closing_the_dock_cancels_a_running_segment(docked, qtbot, weights_file) -> None:
+    viewer, dock, widget = docked
+    widget.add_weights_file(weights_file)
+    viewer.add_image(np.zeros((40, 256, 256), dtype=np.uint8), name="vol")
+    widget.scope.value = "stack"
+    widget.segment()
+    cancel = widget._cancel
+    assert widget._worker is not None and not cancel.is_set()
+    dock.destroyOnClose()  # the dock's close button
+    assert cancel.is_set()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    assert "vol labels" not in viewer.layers  # stopped: no result for a closed dock
+
+
 def test_job_thread_runs_jobs_in_order_and_reports_in_the_gui_thread(qtbot) -> None:
     import threading
 
