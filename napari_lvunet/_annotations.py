@@ -6,6 +6,7 @@ dock widget (``_widget.py``) only gathers the user's choices and calls these fun
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import itertools
@@ -31,6 +32,7 @@ __all__ = [
     "PROVENANCE_KEYS",
     "RESULT_COLOURS",
     "DuplicateImageError",
+    "PartialSaveError",
     "SaveResult",
     "SavedPair",
     "SliceIndex",
@@ -607,25 +609,97 @@ def _check_proposals(
     return checked
 
 
-def _history_folder(root: Path, stamp: str) -> Path:
-    base = root / HISTORY_DIR
-    base.mkdir(exist_ok=True)
-    candidate, n = base / stamp, 1
-    while True:
-        try:
-            candidate.mkdir()
+class PartialSaveError(OSError):
+    """A save failed part-way and could not undo all it had written.
+
+    Attributes:
+        left: The files left as that save wrote (or removed) them.
+    """
+
+    def __init__(self, message: str, left: Sequence[Path]):
+        super().__init__(message)
+        self.left = tuple(left)
+
+
+class _Journal:
+    """What one save changed in the dataset, so that a failure part-way undoes all of it.
+
+    Each write or removal is noted with the copy that restores the file (its copy in the
+    save's history folder), or None for a file that did not exist before; folders the
+    save made are removed again when empty.
+    """
+
+    def __init__(self) -> None:
+        self._steps: list[tuple[Path, Path | None]] = []
+        self._dirs: list[Path] = []
+
+    def mkdir(self, path: Path) -> None:
+        missing = [p for p in (path, *path.parents) if not p.exists()]
+        path.mkdir(parents=True, exist_ok=True)
+        self._dirs.extend(reversed(missing))  # outermost first
+
+    def history(self, root: Path, stamp: str) -> Path:
+        """A new folder ``history/<stamp>[-n]`` for what this save replaces."""
+        base = root / HISTORY_DIR
+        self.mkdir(base)
+        candidate, n = base / stamp, 1
+        while True:
+            try:
+                candidate.mkdir()
+            except FileExistsError:
+                n += 1
+                candidate = base / f"{stamp}-{n}"
+                continue
+            self._dirs.append(candidate)
             return candidate
-        except FileExistsError:
-            n += 1
-            candidate = base / f"{stamp}-{n}"
 
+    def write(
+        self,
+        path: Path,
+        writer: Callable[[BinaryIO], None],
+        *,
+        overwrite: bool = False,
+        backup: Path | None = None,
+    ) -> None:
+        atomic_write(path, writer, overwrite=overwrite)
+        self._steps.append((path, backup))
 
-def _keep(path: Path, history: Path) -> None:
-    """Copy ``path`` into ``history/<its folder name>/`` (never replacing a file there)."""
-    target = history / path.parent.name
-    target.mkdir(exist_ok=True)
-    data = path.read_bytes()
-    atomic_write(target / path.name, lambda fh: fh.write(data), overwrite=False)
+    def keep(self, path: Path, history: Path) -> Path:
+        """Copy ``path`` into ``history/<its folder name>/`` (never replacing a file there)."""
+        target = history / path.parent.name
+        self.mkdir(target)
+        data = path.read_bytes()
+        self.write(target / path.name, lambda fh: fh.write(data))
+        return target / path.name
+
+    def remove(self, path: Path, backup: Path) -> None:
+        path.unlink()
+        self._steps.append((path, backup))
+
+    def undo(self) -> list[Path]:
+        """Put every file back as it was; returns those that could not be."""
+        left: list[Path] = []
+        needed: set[Path] = set()  # history copies of files that could not be put back
+        for path, backup in reversed(self._steps):
+            if path in needed:
+                continue
+            try:
+                if backup is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    data = backup.read_bytes()
+                    atomic_write(path, lambda fh, data=data: fh.write(data), overwrite=True)
+            except OSError as err:
+                logger.error("cannot undo the save of %s: %s", path, err)
+                left.append(path)
+                if backup is not None:
+                    needed.add(backup)
+        for folder in reversed(self._dirs):
+            with contextlib.suppress(OSError):  # not empty: something else is in it
+                folder.rmdir()
+        self._steps.clear()
+        self._dirs.clear()
+        return left
 
 
 def _record_of(
@@ -657,32 +731,27 @@ def _record_of(
     )
 
 
-def _write_new(root: Path, name: str, plan: _Planned, provenance: Any, now: str) -> SavedPair:
+def _write_new(
+    journal: _Journal, root: Path, name: str, plan: _Planned, provenance: Any, now: str
+) -> SavedPair:
     image_path, mask_path = root / "images" / f"{name}.png", root / "masks" / f"{name}.png"
     proposal_path = root / PROPOSALS_DIR / f"{name}.png" if plan.proposal is not None else None
     record_path = root / RECORDS_DIR / f"{name}.json"
     record = _record_of(root, image_path, mask_path, proposal_path, plan, provenance, now)
     # overwrite=False: refuse to replace a file that appeared since the name was chosen;
     # the atomic writes mean a crash never leaves half a file in the training data.
-    done: list[Path] = []
-    try:
-        files = [(image_path, _png_writer(plan.pixels)), (mask_path, _mask_writer(plan.mask))]
-        if proposal_path is not None and plan.proposal is not None:
-            files.append((proposal_path, _mask_writer(plan.proposal)))
-        files.append((record_path, _json_writer(record)))
-        for path, writer in files:
-            atomic_write(path, writer, overwrite=False)
-            done.append(path)
-    except BaseException:
-        for path in done:  # never an image without its mask, nor a record without its pair
-            path.unlink(missing_ok=True)
-        raise
+    journal.write(image_path, _png_writer(plan.pixels))
+    journal.write(mask_path, _mask_writer(plan.mask))
+    journal.write(record_path, _json_writer(record))
+    if proposal_path is not None and plan.proposal is not None:
+        journal.write(proposal_path, _mask_writer(plan.proposal))
     return SavedPair(
         tuple(plan.slices), image_path, mask_path, "written", record_path, proposal_path
     )
 
 
 def _update(
+    journal: _Journal,
     root: Path,
     image_path: Path,
     plan: _Planned,
@@ -695,25 +764,32 @@ def _update(
     ``foo.png`` may both be there), its record and its proposal."""
     name = image_path.stem
     mask_path = root / "masks" / f"{name}.png"
-    old_masks = _same_name_files(root / "masks", name)
     old_record = root / RECORDS_DIR / f"{name}.json"
     old_proposal = root / PROPOSALS_DIR / f"{name}.png"
-    for path in (*old_masks, old_record, old_proposal):
-        if path.is_file():
-            _keep(path, history)
+    kept = {
+        path: journal.keep(path, history)
+        for path in (*_same_name_files(root / "masks", name), old_record, old_proposal)
+        if path.is_file()
+    }
     proposal_path = old_proposal if plan.proposal is not None else None
     record = _record_of(
         root, image_path, mask_path, proposal_path, plan, provenance, now, previous=history
     )
-    atomic_write(mask_path, _mask_writer(plan.mask), overwrite=True)
-    for path in old_masks:
-        if path != mask_path:
-            path.unlink(missing_ok=True)  # kept in history; one mask per stem for training
+    # The mask and its record go together: a failure after either undoes both (_Journal).
+    journal.write(mask_path, _mask_writer(plan.mask), overwrite=True, backup=kept.get(mask_path))
+    journal.write(old_record, _json_writer(record), overwrite=True, backup=kept.get(old_record))
+    for path, copy in kept.items():
+        if path.parent.name == "masks" and path != mask_path:
+            journal.remove(path, copy)  # one mask per stem for training
     if plan.proposal is not None:
-        atomic_write(old_proposal, _mask_writer(plan.proposal), overwrite=True)
-    else:
-        old_proposal.unlink(missing_ok=True)  # kept in history: the record says "unknown"
-    atomic_write(old_record, _json_writer(record), overwrite=True)
+        journal.write(
+            old_proposal,
+            _mask_writer(plan.proposal),
+            overwrite=True,
+            backup=kept.get(old_proposal),
+        )
+    elif old_proposal in kept:
+        journal.remove(old_proposal, kept[old_proposal])  # the record says "unknown"
     return SavedPair(
         tuple(plan.slices), image_path, mask_path, "updated", old_record, proposal_path, history
     )
@@ -745,7 +821,8 @@ def save_for_training(
     :class:`DuplicateImageError` before anything at all is written;
     ``duplicates="update"`` first copies the existing pair's mask, record and proposal
     into ``history/<UTC time>/``, then writes the new ones over them. Slices of one call
-    that show the same image make one pair.
+    that show the same image make one pair. A save that fails part-way undoes everything
+    it wrote, replaced or removed: the folder is as it was before the call.
 
     Args:
         image: Image layer data, ``(..., H, W)`` or ``(..., H, W, C)`` when ``rgb``.
@@ -769,6 +846,9 @@ def save_for_training(
             another mask; nothing was written.
         ValueError: If the shapes do not match, no slice is selected, or two slices show
             the same image with different masks.
+        OSError: If a file cannot be written; nothing is left written.
+        PartialSaveError: If a file cannot be written and undoing the save failed too;
+            its ``left`` names the files left as the save wrote them.
     """
     if duplicates not in DUPLICATE_CHOICES:
         raise ValueError(f"duplicates must be one of {DUPLICATE_CHOICES}, got {duplicates!r}")
@@ -808,12 +888,41 @@ def save_for_training(
         digests.save(_image_names(images_dir))  # the next try need not decode them again
         raise DuplicateImageError(_clash_message(root, clashes), clashes)
 
-    images_dir.mkdir(parents=True, exist_ok=True)
-    masks_dir.mkdir(parents=True, exist_ok=True)
+    journal = _Journal()
+    try:
+        items = _write_plans(journal, root, plans, stem, provenance, digests)
+    except BaseException as err:
+        left = journal.undo()
+        if left and isinstance(err, Exception):
+            names = ", ".join(p.relative_to(root).as_posix() for p in left[:5])
+            more = f" and {len(left) - 5} more" if len(left) > 5 else ""
+            raise PartialSaveError(
+                f"{err}; the save could not be undone: {names}{more} left as it wrote "
+                f"them (what they replaced is kept in {HISTORY_DIR}/)",
+                left,
+            ) from err
+        raise
+    digests.save(_image_names(images_dir))
+    result = SaveResult(tuple(items))
+    logger.info("saved to %s: %s", root, result.summary())
+    return result
+
+
+def _write_plans(
+    journal: _Journal,
+    root: Path,
+    plans: list[_Planned],
+    stem: str,
+    provenance: Any,
+    digests: _DigestIndex,
+) -> list[SavedPair]:
+    """Write the planned pairs; every change goes through ``journal`` (to undo on failure)."""
+    images_dir = root / "images"
+    for folder in (images_dir, root / "masks", root / RECORDS_DIR):
+        journal.mkdir(folder)
     new = [plan for plan in plans if not plan.existing]
-    (root / RECORDS_DIR).mkdir(exist_ok=True)
     if any(plan.proposal is not None for plan in plans):
-        (root / PROPOSALS_DIR).mkdir(exist_ok=True)
+        journal.mkdir(root / PROPOSALS_DIR)
     base = safe_stem(stem)
     if new:
         base = _free_stem(root, base, [plan.slices[0] for plan in new])
@@ -825,14 +934,10 @@ def save_for_training(
     history: Path | None = None
     items: list[SavedPair] = []
     for plan in plans:
+        run = _run_of(provenance, plan)
         if not plan.existing:
-            pair = _write_new(
-                root,
-                slice_stem(base, plan.slices[0]),
-                plan,
-                _run_of(provenance, plan),
-                now.isoformat(),
-            )
+            name = slice_stem(base, plan.slices[0])
+            pair = _write_new(journal, root, name, plan, run, now.isoformat())
             digests.add(pair.image, plan.digest)  # what was written: no need to decode it
             items.append(pair)
             continue
@@ -842,18 +947,13 @@ def save_for_training(
                 done = SavedPair(tuple(plan.slices), path, mask_path, "unchanged")
             else:
                 if history is None:
-                    history = _history_folder(root, stamp)
-                done = _update(
-                    root, path, plan, _run_of(provenance, plan), now.isoformat(), history
-                )
+                    history = journal.history(root, stamp)
+                done = _update(journal, root, path, plan, run, now.isoformat(), history)
             if first is None or (first.status == "unchanged" and done.status == "updated"):
                 first = done
         assert first is not None
         items.append(first)
-    digests.save(_image_names(images_dir))
-    result = SaveResult(tuple(items))
-    logger.info("saved to %s: %s", root, result.summary())
-    return result
+    return items
 
 
 def _run_of(provenance: Mapping[Any, Any] | None, plan: _Planned) -> Mapping[str, Any] | None:

@@ -25,6 +25,7 @@ from . import effort
 from ._annotations import (
     HISTORY_DIR,
     DuplicateImageError,
+    PartialSaveError,
     SaveResult,
     SliceIndex,
     iter_slices,
@@ -228,7 +229,11 @@ class CorrectSection(Container):
                     main.status.value = "nothing saved: the image is in the dataset already"
                     return []
                 result = save("update")
-        except (ValueError, OSError) as err:
+        except PartialSaveError as err:  # a failed save that could not be undone
+            show_error(f"Save failed part-way: {err}")
+            self.refresh_effort()
+            return []
+        except (ValueError, OSError) as err:  # a failed save is undone: nothing is saved
             show_error(f"Nothing saved: {err}")
             return []
         main.retrain.update_command()

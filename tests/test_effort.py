@@ -207,6 +207,89 @@ def test_update_keeps_every_mask_of_the_stem_in_history(tmp_path: Path) -> None:
     assert [p.stem for p in find_pairs(tmp_path)] == ["foo"]
 
 
+def test_a_save_failing_part_way_leaves_the_folder_as_it_was(tmp_path: Path, monkeypatch) -> None:
+    """Whichever write of a save fails (a new pair's image, mask, record or proposal, a
+    history copy, an updated mask or record), everything the save wrote, replaced or
+    removed before it is undone: the folder is byte for byte what it was."""
+    import shutil
+
+    from napari_lvunet import _annotations
+
+    image, labels = _stack(n=3)
+    proposals = {(i,): labels[i] > 0 for i in range(3)}
+    start = tmp_path / "start"
+    save_for_training(
+        image[:2], labels[:2], start, "scan", rgb=True, proposals=proposals, provenance=PROVENANCE
+    )
+    (start / "masks" / "scan_z001.tif").write_bytes(
+        (start / "masks" / "scan_z001.png").read_bytes()
+    )
+    changed = labels.copy()
+    changed[:, 0:5, 0:5] = 1  # slices 0 and 1 update their pairs, slice 2 is new
+    before = _files(start)
+
+    real = _annotations.atomic_write
+    calls: list[Path] = []
+
+    def counting(path, writer, **kw):
+        calls.append(Path(path))
+        return real(path, writer, **kw)
+
+    monkeypatch.setattr(_annotations, "atomic_write", counting)
+    done = tmp_path / "done"
+    shutil.copytree(start, done)
+    save_for_training(
+        image, changed, done, "scan", rgb=True, duplicates="update", proposals=proposals
+    )
+    n_writes = len(calls)
+    assert n_writes > 10 and calls[-1].name == _annotations.DIGESTS_FILE
+    assert not (done / "masks" / "scan_z001.tif").exists()
+
+    for fail_at in range(1, n_writes):  # the last write is the index: only a cache
+        calls.clear()
+
+        def failing(path, writer, fail_at=fail_at, **kw):
+            calls.append(Path(path))
+            if len(calls) == fail_at:
+                raise OSError(f"disk full writing {Path(path).name}")
+            return real(path, writer, **kw)
+
+        monkeypatch.setattr(_annotations, "atomic_write", failing)
+        folder = tmp_path / f"fail{fail_at}"
+        shutil.copytree(start, folder)
+        with pytest.raises(OSError, match="disk full") as info:
+            save_for_training(
+                image, changed, folder, "scan", rgb=True, duplicates="update", proposals=proposals
+            )
+        assert _files(folder) == before, f"write {fail_at} ({calls[-1]}) failed"
+        assert type(info.value) is OSError  # the writer's own error: nothing left written
+        assert not (folder / "history").exists()
+
+    # The disk stays full: the updated masks cannot be put back. The error says which.
+    calls.clear()
+
+    def full_from_the_new_pair(path, writer, **kw):
+        calls.append(Path(path))
+        if calls[0] != "full" and Path(path).parent.name != "images":
+            return real(path, writer, **kw)
+        calls.insert(0, "full")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(_annotations, "atomic_write", full_from_the_new_pair)
+    folder = tmp_path / "full"
+    shutil.copytree(start, folder)
+    with pytest.raises(_annotations.PartialSaveError, match="could not be undone") as info:
+        save_for_training(
+            image, changed, folder, "scan", rgb=True, duplicates="update", proposals=proposals
+        )
+    left = {p.relative_to(folder).as_posix() for p in info.value.left}
+    assert {"masks/scan_z000.png", "masks/scan_z001.png", "records/scan_z001.json"} <= left
+    assert "masks/scan_z001.png" in str(info.value)
+    (history,) = (folder / "history").iterdir()  # what could not be put back is kept
+    for name in ("scan_z000.png", "scan_z001.png", "scan_z001.tif"):
+        assert (history / "masks" / name).read_bytes() == before[f"masks/{name}"]
+
+
 def test_one_image_twice_in_one_save_is_one_pair(tmp_path: Path) -> None:
     image, labels = _stack()
     image[2] = image[0]  # a video that holds the same frame twice
