@@ -148,8 +148,10 @@ class CorrectSection(Container):
 
         A Labels layer the widget made is saved with the image it was segmented from,
         whatever the Image picker shows, so a mask is never paired with another image's
-        pixels; a Labels layer the user made is saved with the picked image. An image in
-        the dataset already with another mask is updated only when the user agrees.
+        pixels; a Labels layer the user made is saved with the picked image. Of a stack
+        the widget segmented, the whole-stack scope saves only the slices that hold
+        corrections (all of them, after asking, when none does). An image in the dataset
+        already with another mask is updated only when the user agrees.
 
         Returns:
             The :class:`~napari_lvunet._annotations.SaveResult` (the pairs, and which
@@ -185,6 +187,15 @@ class CorrectSection(Container):
         slices = None
         if image.ndim > 2 and main.scope.value == "slice":
             slices = [main._displayed_index(image)]
+        chosen = ""  # "N corrected slices of M", when only those are saved
+        if track is not None and slices is None and np.ndim(labels.data) > 2:
+            # A result the widget made: its untouched slices are the model's own output,
+            # which teaches it nothing (and would count as Dice 1.0 in the effort trend).
+            every = list(iter_slices(labels.data.shape[: np.ndim(labels.data) - 2]))
+            corrected = [index for index in every if main._holds_corrections(labels, index)]
+            if corrected:
+                slices = corrected
+                chosen = f"{len(corrected)} corrected slice(s) of {len(every)}"
         if track is not None and not any(
             main._holds_corrections(labels, index) for index in (slices or [None])
         ):
@@ -238,6 +249,8 @@ class CorrectSection(Container):
             return []
         main.retrain.update_command()
         summary = result.summary()
+        if chosen:
+            summary = f"saved {chosen}: {summary}"
         show_info(f"Saved to {folder}: {summary}. To fine-tune: {main.retrain.command.value}")
         main.status.value = summary
         self.refresh_effort()

@@ -158,9 +158,12 @@ def test_save_records_exactly_the_painted_pixels_and_asks_before_a_twin(
     assert points == [(0, pytest.approx(new_record["dice"], rel=1e-12))]
 
 
-def test_a_stack_saves_one_record_per_frame_with_its_own_proposal(
+def test_a_stack_saves_only_its_corrected_slices_each_with_its_own_proposal(
     viewer_widget, questions, qtbot, tmp_path: Path
 ) -> None:
+    """Whole-stack scope on a stack the widget segmented: only the painted slices are
+    saved (an untouched frame is the model's own output, and would count as Dice 1.0 in
+    the effort trend); each record is against that frame's own proposal."""
     from napari_lvunet import effort
     from napari_lvunet._sample_data import polyp_stack
 
@@ -168,6 +171,7 @@ def test_a_stack_saves_one_record_per_frame_with_its_own_proposal(
     section = widget.correct_section
     stack = polyp_stack()[0][0]  # (5, H, W, 3)
     viewer.add_image(stack, name="frames", rgb=True)
+    assert widget.scope.value == "stack"
     widget.segment()
     qtbot.waitUntil(lambda: not widget.busy, timeout=120_000)
     layer = viewer.layers["frames labels"]
@@ -181,16 +185,42 @@ def test_a_stack_saves_one_record_per_frame_with_its_own_proposal(
     assert removed > 0 and added == 0
     np.testing.assert_array_equal(np.asarray(layer.data)[[0, 1, 3, 4]] > 0, proposal[[0, 1, 3, 4]])
 
-    section.data_dir.value = tmp_path / "corrections"
+    data_dir = tmp_path / "corrections"
+    section.data_dir.value = data_dir
     result = widget.save_for_training()
-    assert [i.status for i in result.items] == ["written"] * 5
-    rows = effort.read_records(tmp_path / "corrections")
-    assert [r.slice for r in rows] == [(z,) for z in range(5)]
-    for z, row in enumerate(rows):
-        painted = (0, removed) if z == 2 else (0, 0)
-        assert (row.pixels_added, row.pixels_removed) == painted, z
-        assert row.foreground == int((np.asarray(layer.data)[z] > 0).sum())
-        assert (row.dice == 1.0) is (z != 2)
-    ((_label, _colour, points, mean),) = section.effort_plot.series
-    assert [p for p, _ in points] == list(range(5))
-    assert mean == pytest.approx(np.mean([r.dice for r in rows]), rel=1e-12)
+    assert [(i.status, i.slices) for i in result.items] == [("written", ((2,),))]
+    assert widget.status.value.startswith("saved 1 corrected slice(s) of 5: 1 new pair(s)")
+    assert sorted(p.name for p in (data_dir / "images").iterdir()) == ["frames_z002.png"]
+    (row,) = effort.read_records(data_dir)
+    assert row.slice == (2,) and (row.pixels_added, row.pixels_removed) == (0, removed)
+    assert row.foreground == int((np.asarray(layer.data)[2] > 0).sum()) and row.dice < 1.0
+    assert not questions.asked
+
+    # Another frame corrected: it is saved, against its own proposal; frame 2 unchanged.
+    viewer.dims.set_current_step(0, 4)
+    background = np.argwhere(~proposal[4])[len(np.argwhere(~proposal[4])) // 2]
+    added4, _ = _paint(layer, (4, int(background[0]), int(background[1])), 1)
+    assert added4 > 0
+    again = widget.save_for_training()
+    assert [(i.status, i.slices) for i in again.items] == [
+        ("unchanged", ((2,),)),
+        ("written", ((4,),)),
+    ]
+    assert "2 corrected slice(s) of 5" in widget.status.value
+    rows = effort.read_records(data_dir)
+    assert [(r.slice, r.pixels_added, r.pixels_removed) for r in rows] == [
+        ((2,), 0, removed),
+        ((4,), added4, 0),
+    ]
+    ((_label, _colour, points, _mean),) = section.effort_plot.series
+    assert [p for p, _ in points] == [0, 1]
+
+    # A stack never corrected: the question about the model's own result, as for one image.
+    viewer.add_image(stack[:2], name="other", rgb=True)
+    widget.segment()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=120_000)
+    section.corrected.value = viewer.layers["other labels"]
+    questions.answers.append(None)  # Cancel
+    assert widget.save_for_training() == []
+    assert "never corrected" in questions.asked[-1][1]
+    assert len(effort.read_records(data_dir)) == 2
