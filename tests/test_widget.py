@@ -641,7 +641,8 @@ def test_save_for_training_from_widget(viewer_widget, qtbot, notes, tmp_path, we
     widget.segment()
     _wait_idle(qtbot, widget)
     layer = viewer.layers["frames labels"]
-    layer.data[1, 20:40, 20:40] = 3 * (1 - np.sign(layer.data[1, 20:40, 20:40]))  # corrected
+    # Every frame corrected: the whole-stack scope saves only corrected frames of a result.
+    layer.data[:, 20:40, 20:40] = 3 * (1 - np.sign(layer.data[:, 20:40, 20:40]))
     widget.data_dir.value = tmp_path / "corrections"
     pairs = widget.save_for_training()
     assert [p.name for p, _ in pairs] == ["frames_z000.png", "frames_z001.png", "frames_z002.png"]
