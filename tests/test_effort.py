@@ -266,14 +266,13 @@ def test_a_save_failing_part_way_leaves_the_folder_as_it_was(tmp_path: Path, mon
         assert not (folder / "history").exists()
 
     # The disk stays full: the updated masks cannot be put back. The error says which.
-    calls.clear()
+    full = [False]
 
     def full_from_the_new_pair(path, writer, **kw):
-        calls.append(Path(path))
-        if calls[0] != "full" and Path(path).parent.name != "images":
-            return real(path, writer, **kw)
-        calls.insert(0, "full")
-        raise OSError("disk full")
+        full[0] = full[0] or Path(path).parent.name == "images"
+        if full[0]:
+            raise OSError("disk full")
+        return real(path, writer, **kw)
 
     monkeypatch.setattr(_annotations, "atomic_write", full_from_the_new_pair)
     folder = tmp_path / "full"
