@@ -303,6 +303,22 @@ def test_one_image_twice_in_one_save_is_one_pair(tmp_path: Path) -> None:
     assert not other.exists()
 
 
+def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Start a new napari session (no digests in memory) and record every image decoded."""
+    from napari_lvunet import _annotations
+
+    decoded: list[str] = []
+    real = _annotations.read_image
+
+    def counting(path, **kw):
+        decoded.append(Path(path).name)
+        return real(path, **kw)
+
+    monkeypatch.setattr(_annotations, "read_image", counting)
+    _annotations._DIGESTS.clear()
+    return decoded
+
+
 def test_a_new_session_does_not_decode_the_saved_images_again(tmp_path: Path, monkeypatch) -> None:
     """The digests are kept beside the dataset (hidden from training); an image changed
     by hand since is decoded again, and only that one; a damaged index is rebuilt."""
@@ -313,15 +329,7 @@ def test_a_new_session_does_not_decode_the_saved_images_again(tmp_path: Path, mo
     index = tmp_path / _annotations.DIGESTS_FILE
     assert sorted(json.loads(index.read_text())) == [f"scan_z00{i}.png" for i in range(3)]
 
-    decoded: list[str] = []
-    real = _annotations.read_image
-
-    def counting(path, **kw):
-        decoded.append(Path(path).name)
-        return real(path, **kw)
-
-    monkeypatch.setattr(_annotations, "read_image", counting)
-    _annotations._DIGESTS.clear()  # a new napari session
+    decoded = _count_decodes(monkeypatch)  # in a new napari session
     save_for_training(image[3], labels[3], tmp_path, "new", rgb=True)
     assert decoded == []
 
@@ -398,15 +406,7 @@ def test_a_refused_save_keeps_the_digests_it_computed(tmp_path: Path, monkeypatc
         save_for_training(image[0], changed[0], tmp_path, "scan", rgb=True)
     assert sorted(json.loads(index.read_text())) == [f"scan_z00{i}.png" for i in range(3)]
 
-    decoded: list[str] = []
-    real = _annotations.read_image
-
-    def counting(path, **kw):
-        decoded.append(Path(path).name)
-        return real(path, **kw)
-
-    monkeypatch.setattr(_annotations, "read_image", counting)
-    _annotations._DIGESTS.clear()  # a new napari session
+    decoded = _count_decodes(monkeypatch)  # in a new napari session
     with pytest.raises(DuplicateImageError):
         save_for_training(image[0], changed[0], tmp_path, "scan", rgb=True)
     assert decoded == ["scan_z000.png"]  # only the clashing pair's mask, to compare
