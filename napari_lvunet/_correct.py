@@ -214,7 +214,7 @@ class CorrectSection(Container):
 
         def save(duplicates: str) -> SaveResult:
             return save_for_training(
-                np.asarray(image.data),
+                image.data,  # indexed per saved slice: a lazy video is never read whole
                 np.asarray(labels.data),
                 folder,
                 safe_stem(image.name),

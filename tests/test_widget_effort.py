@@ -224,3 +224,43 @@ def test_a_stack_saves_only_its_corrected_slices_each_with_its_own_proposal(
     assert widget.save_for_training() == []
     assert "never corrected" in questions.asked[-1][1]
     assert len(effort.read_records(data_dir)) == 2
+
+
+@pytest.mark.gui
+def test_saving_a_frame_of_a_video_reads_only_that_frame(
+    viewer_widget, questions, qtbot, tmp_path: Path, monkeypatch
+) -> None:
+    """A video layer is read frame by frame on demand; saving the corrected frame must not
+    decode the whole video (a long one would not fit in memory)."""
+    from napari_lvunet import video
+    from napari_lvunet._sample_data import polyp_video
+
+    viewer, widget = viewer_widget
+    data, kwargs, _kind = polyp_video()[0]
+    assert isinstance(data, video.Video)
+    image = viewer.add_image(data, **kwargs)
+    widget.image.value = image
+    widget.scope.value = "slice"
+    viewer.dims.set_current_step(0, 7)
+    widget.segment()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=120_000)
+    layer = viewer.layers[f"{image.name} labels"]
+    proposal = np.asarray(layer.data[7]) > 0
+    where = np.argwhere(proposal)[len(np.argwhere(proposal)) // 2]
+    layer.brush_size = 9
+    _paint(layer, (7, int(where[0]), int(where[1])), 0)
+
+    decoded: list[int] = []
+    real = video.Video._frame
+
+    def counting(self, i: int) -> np.ndarray:
+        decoded.append(i)
+        return real(self, i)
+
+    monkeypatch.setattr(video.Video, "_frame", counting)
+    widget.correct_section.data_dir.value = tmp_path / "corrections"
+    result = widget.save_for_training()
+    assert [(i.status, i.slices) for i in result.items] == [("written", ((7,),))]
+    assert set(decoded) == {7}, decoded
+    saved = np.asarray(PILImage.open(result.items[0].image))
+    np.testing.assert_array_equal(saved, np.asarray(data[7])[..., :3])
