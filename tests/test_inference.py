@@ -218,8 +218,11 @@ def test_onnxruntime_and_torch_give_the_same_labels(
     lab_o, p_o = ort_seg.segment(image, sizing=sizing, return_probabilities=True)
     lab_t, p_t = torch_seg.segment(image, sizing=sizing, return_probabilities=True)
     # float32 rounding of two runtimes on logits up to ~50: ~1e-5 in probability (the
-    # TorchScript-exported graph measured 1.03e-5, the torch.export one 8e-6).
-    np.testing.assert_allclose(p_o, p_t, atol=2e-5)
+    # TorchScript-exported graph measured 1.03e-5, the torch.export one 8e-6; 3.0e-5 in a
+    # full-suite run on an AVX2 CPU without AVX-512, where thread scheduling changes the
+    # order of float sums). 1e-4 keeps the check four orders below a flipped label; the
+    # labels themselves are compared exactly below.
+    np.testing.assert_allclose(p_o, p_t, atol=1e-4)
     decided = np.abs(p_t - 0.5) > 1e-4  # where 1e-8 float differences cannot flip a label
     np.testing.assert_array_equal(lab_o[decided], lab_t[decided])
     assert 0.05 < lab_t.mean() < 0.95, "the test model should give both labels"
