@@ -81,8 +81,12 @@ _BUSY_LOOK_MS = 150
 # _INLINE_PREVIEW_PIXELS pixels, and the model's segmenter is still in the pool (never
 # loaded in the GUI thread). Anything else goes to the job thread, which measures again:
 # after a slow run every step goes there, and in-line runs resume once a job-thread run
-# (or an in-line one) was quick enough again.
-_INLINE_PREVIEW_S = 0.04
+# (or an in-line one) was quick enough again. A job-thread run shares the GIL with
+# napari's repaint and measures 2-3x the engine's own time (512 x 512: 56 ms against 20 ms
+# on a 2-core CPU), so 60 ms admits a slice whose in-line run takes about 20-30 ms, and an
+# in-line run (measured again each time) is usually shorter than the job-thread run that
+# admitted it.
+_INLINE_PREVIEW_S = 0.06
 _INLINE_PREVIEW_PIXELS = 1920 * 1080  # a first try in the GUI thread only up to this
 
 
