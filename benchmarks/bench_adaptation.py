@@ -79,9 +79,11 @@ SHIFT = {
 VARIANTS: dict[str, list[str]] = {
     # the defaults before this work (issue 11): 30 epochs, lr 1e-4, batch 8, no replay
     "old-defaults": [
-        "--epochs", "30", "--lr", "1e-4", "--replay", "0", "--changed-weight", "1",
-        "--augment", "mild",
+        "--epochs", "30", "--lr", "1e-4", "--lr-scale", "absolute", "--replay", "0",
+        "--changed-weight", "1", "--augment", "mild",
     ],
+    # the defaults of the first answer to issue 11: one Adam learning rate for every tensor
+    "absolute-lr": ["--lr", "5e-4", "--lr-scale", "absolute"],
     # whatever the command does by default now
     "default": [],
     # the default schedule without the levers against forgetting (plain fine-tuning)
@@ -89,11 +91,11 @@ VARIANTS: dict[str, list[str]] = {
     "no-replay": ["--replay", "0"],
     "no-weight": ["--changed-weight", "1"],
     "mild-augment": ["--augment", "mild"],
-    "lr-1e-3": ["--lr", "1e-3"],
-    "lr-1e-3-60-steps": ["--lr", "1e-3", "--steps", "60"],
     # longer schedules: does more of the same schedule move the centre further?
     "steps-200": ["--steps", "200"],
-    "steps-200-lr-3e-4": ["--steps", "200", "--lr", "3e-4"],
+    "steps-300": ["--steps", "300"],
+    "lr-1e-3": ["--lr", "1e-3"],
+    "lr-1e-2": ["--lr", "1e-2"],
 }  # fmt: skip
 
 

@@ -58,6 +58,7 @@ _RESUME_FLAGS = (
     ("steps", "--steps"),
     ("epochs", "--epochs"),
     ("lr", "--lr"),
+    ("lr_scale", "--lr-scale"),
     ("batch_size", "--batch-size"),
     ("replay", "--replay"),
     ("changed_weight", "--changed-weight"),

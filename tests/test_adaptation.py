@@ -68,6 +68,56 @@ def test_schedule_counts_steps_not_epochs() -> None:
             adapt.schedule(16, 4, **kwargs)
 
 
+def _step_shares(lr_scale: str) -> tuple[list[float], list[dict]]:
+    """One Adam step on a fused model whose tensors have scales from 0.1x to 10x (as
+    fusing leaves them): how far each tensor that moved moved, as a share of its RMS."""
+    model = _fused()
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            p.mul_(10.0 ** (i % 3 - 1))
+    before = [p.detach().clone() for p in model.parameters()]
+    groups = adapt.param_groups(model, 1e-3, lr_scale)
+    optimizer = torch.optim.Adam(groups)
+    model.train()
+    model(torch.rand(2, 3, SIZE, SIZE))[:, :1].sigmoid().mean().backward()
+    optimizer.step()
+    shares = []
+    for p, b in zip(model.parameters(), before, strict=True):
+        rms, moved = float(b.pow(2).mean().sqrt()), float((p.detach() - b).pow(2).mean().sqrt())
+        if rms >= adapt.RMS_FLOOR and moved > 0:
+            shares.append(moved / rms)
+    return shares, groups
+
+
+def test_relative_learning_rates_move_every_tensor_by_the_same_share() -> None:
+    shares, groups = _step_shares("relative")
+    model = _fused()
+    assert [g["name"] for g in groups] == [n for n, _ in model.named_parameters()]
+    assert all(g["lr"] >= 1e-3 * adapt.RMS_FLOOR for g in groups)
+    # Adam's first step moves each value by at most its group's rate: 1e-3 of the RMS
+    assert len(shares) > 10 and 5e-4 < max(shares) <= 1e-3 * (1 + 1e-4)
+    # one rate for all: the small tensors move by many times that share
+    shares, groups = _step_shares("absolute")
+    assert {g["lr"] for g in groups} == {1e-3}
+    assert max(shares) > 5e-3
+    with pytest.raises(ValueError, match="lr_scale"):
+        adapt.param_groups(model, 1e-3, "per-layer")
+
+
+def test_cosine_schedule_decays_every_group_to_one_percent() -> None:
+    w = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.Adam([{"params": [w[0]], "lr": 1.0}, {"params": [w[1]], "lr": 0.1}])
+    scheduler = adapt.cosine_schedule(optimizer, 10)
+    seen = []
+    for _ in range(12):
+        seen.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    assert seen[0] == [1.0, 0.1]
+    assert seen[5] == pytest.approx([0.505, 0.0505])  # half way
+    assert seen[10] == seen[11] == pytest.approx([0.01, 0.001])  # the end, then held
+
+
 def test_replay_count_makes_the_share_of_the_batch() -> None:
     assert adapt.replay_count(4, 0.0) == 0
     assert adapt.replay_count(4, 0.25) == 1  # 1 of 5

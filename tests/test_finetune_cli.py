@@ -367,7 +367,7 @@ def test_resume_after_a_crash_and_a_cancel_gives_the_same_weights(
     assert read_resume_state(record).step == 5  # the last periodic save (every 5 steps)
     assert not list(out.glob("*.safetensors"))
 
-    with pytest.raises(FinetuneResumeError, match=r"lr 0\.0005 \(now 0\.001\)"):
+    with pytest.raises(FinetuneResumeError, match=r"lr 0\.003 \(now 0\.001\)"):
         finetune(folder, start_weights, out, resume=True, **{**options, "lr": 1e-3})
     with pytest.raises(FinetuneResumeError, match="nothing to resume"):
         finetune(folder, start_weights, tmp_path / "elsewhere", resume=True, **options)

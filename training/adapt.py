@@ -16,6 +16,13 @@ it can be tested on tiny data and measured (``benchmarks/bench_adaptation.py``):
 * **Stronger photometric augmentation** (:class:`CameraAugment`): per-channel gains
   (white balance), gamma and blur on top of :class:`training.data.Augment`, the ways in
   which a second centre's camera differs.
+* **Learning rates relative to each tensor's size** (:func:`param_groups`): fusing folds
+  every BatchNorm into its convolution, so nothing holds a layer's scale any more, and
+  the bundled model's weight tensors have RMS values from 0.0014 to 6.0. One Adam
+  learning rate moves the smallest tensors by a third of themselves per step (they are
+  scrambled within a hundred steps, which is forgetting) and the largest hardly at all.
+  Each tensor gets ``lr`` times its RMS instead, so every layer moves by the same share
+  of itself (the per-layer trust ratio of LARS and LAMB, fixed at the start).
 
 BatchNorm re-estimation on the new centre's images is not among them: the weights a
 user fine-tunes (the bundled model and every fine-tune of it) are fused, with no
@@ -44,7 +51,8 @@ from .data import Augment, CachedSegmentationDataset, Pair, read_array
 #: The defaults of :func:`training.finetune.finetune` and its command line, chosen with
 #: ``benchmarks/bench_adaptation.py`` (a simulated new centre made from Kvasir-SEG).
 DEFAULT_STEPS = 100
-DEFAULT_LR = 5e-4
+DEFAULT_LR = 3e-3  # relative to each tensor's RMS (DEFAULT_LR_SCALE)
+DEFAULT_LR_SCALE = "relative"
 DEFAULT_BATCH_SIZE = 4  # the user's pairs per step; replay pairs come on top
 DEFAULT_REPLAY = 0.25  # share of every batch taken from the replay set
 DEFAULT_CHANGED_WEIGHT = 3.0
@@ -56,15 +64,20 @@ __all__ = [
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_CHANGED_WEIGHT",
     "DEFAULT_LR",
+    "DEFAULT_LR_SCALE",
     "DEFAULT_REPLAY",
     "DEFAULT_STEPS",
+    "LR_SCALES",
+    "RMS_FLOOR",
     "CameraAugment",
     "MixedBatches",
     "PairDataset",
     "WeightedBCEDiceLoss",
     "changed_pixels",
     "content_digest",
+    "cosine_schedule",
     "group_by_content",
+    "param_groups",
     "parse_share",
     "parse_weight",
     "replay_count",
@@ -235,6 +248,59 @@ class PairDataset(Dataset):
         gen = torch.Generator().manual_seed((c.seed * 1_000_003 + draw * 10_007 + index) % (2**63))
         assert c.augment is not None
         return c.augment(c.images[index], both, c.size, gen)
+
+
+#: ``lr_scale``: ``relative`` (each tensor's learning rate is ``lr`` times its RMS) or
+#: ``absolute`` (one learning rate for every tensor, as before).
+LR_SCALES = ("relative", "absolute")
+#: Smallest RMS a relative learning rate is scaled by: a tensor of zeros, or a bias near
+#: zero, still learns.
+RMS_FLOOR = 1e-2
+
+
+def param_groups(
+    model: nn.Module, lr: float, lr_scale: str = DEFAULT_LR_SCALE, *, floor: float = RMS_FLOOR
+) -> list[dict]:
+    """Optimiser parameter groups, one a tensor, with their learning rates.
+
+    Args:
+        model: The network; only parameters that require gradients are taken.
+        lr: The learning rate (``relative``: per unit of a tensor's RMS).
+        lr_scale: ``relative``: a tensor whose values have root mean square ``r`` gets
+            ``lr * max(r, floor)``, measured once, at the start; ``absolute``: every
+            tensor gets ``lr``.
+        floor: The smallest RMS a relative rate is scaled by.
+
+    Returns:
+        ``[{"params": [tensor], "lr": ..., "name": ...}, ...]`` in the model's order.
+
+    Raises:
+        ValueError: For an unknown ``lr_scale``.
+    """
+    if lr_scale not in LR_SCALES:
+        raise ValueError(f"lr_scale must be one of {', '.join(LR_SCALES)}, got {lr_scale!r}")
+    groups = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = 1.0
+        if lr_scale == "relative":
+            scale = max(float(p.detach().float().pow(2).mean().sqrt()), floor)
+        groups.append({"params": [p], "lr": lr * scale, "name": name})
+    return groups
+
+
+def cosine_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int, final: float = 0.01
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Decay every group's learning rate along a half cosine to ``final`` times its start,
+    reached at ``total_steps`` (then held)."""
+
+    def factor(step: int) -> float:
+        t = min(step, total_steps) / total_steps
+        return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def replay_count(user_per_batch: int, share: float) -> int:

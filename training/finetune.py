@@ -18,8 +18,10 @@ user's images a step; ``--epochs`` instead counts passes over the images). Again
 forgetting, every batch also holds a share of the shipped Kvasir-SEG replay images
 (``--replay``), and the pixels where the start model's proposal differs from the
 corrected mask weigh more (``--changed-weight``); the ``camera`` augmentation varies
-colour balance, gamma and sharpness as another centre's camera does. The levers live in
-:mod:`training.adapt`; ``benchmarks/bench_adaptation.py`` measures them.
+colour balance, gamma and sharpness as another centre's camera does. Each weight tensor
+learns at ``--lr`` times its own RMS (``--lr-scale relative``): a fused network has no
+BatchNorm left to keep its layers' scales, which span three orders of magnitude. The
+levers live in :mod:`training.adapt`; ``benchmarks/bench_adaptation.py`` measures them.
 
 The start is a training checkpoint (``.pt``, unfused, read with ``weights_only=True``)
 when given, else fused weights (a registry name or a ``.safetensors`` file), which are
@@ -114,12 +116,16 @@ from .adapt import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CHANGED_WEIGHT,
     DEFAULT_LR,
+    DEFAULT_LR_SCALE,
     DEFAULT_REPLAY,
     DEFAULT_STEPS,
+    LR_SCALES,
     MixedBatches,
     PairDataset,
     WeightedBCEDiceLoss,
     changed_pixels,
+    cosine_schedule,
+    param_groups,
     parse_share,
     parse_weight,
     replay_count,
@@ -636,6 +642,7 @@ def _check_options(
     steps: int | None,
     epochs: int | None,
     lr: float,
+    lr_scale: str,
     batch_size: int,
     max_minutes: float | None,
     replay: float,
@@ -656,6 +663,8 @@ def _check_options(
         raise FinetuneError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
     if not (math.isfinite(lr) and lr > 0):
         raise FinetuneError(f"lr must be a positive finite number, got {lr}")
+    if lr_scale not in LR_SCALES:
+        raise FinetuneError(f"lr_scale must be one of {', '.join(LR_SCALES)}, got {lr_scale!r}")
     if max_minutes is not None and not (math.isfinite(max_minutes) and max_minutes > 0):
         raise FinetuneError(f"max_minutes must be a positive number, got {max_minutes}")
 
@@ -668,6 +677,7 @@ def finetune(
     steps: int | None = None,
     epochs: int | None = None,
     lr: float = DEFAULT_LR,
+    lr_scale: str = DEFAULT_LR_SCALE,
     progress: Progress | None = None,
     events: Events | None = None,
     cancel: CancelToken | None = None,
@@ -696,7 +706,10 @@ def finetune(
             held-out Dice is measured before and after.
         epochs: Passes over the fine-tuning images instead of ``steps``; the held-out
             Dice is measured after every epoch.
-        lr: Adam learning rate, decayed along a cosine to 1 % of it.
+        lr: Adam learning rate, decayed along a cosine to 1 % of it; with ``lr_scale``
+            ``relative`` (the default) per unit of each weight tensor's RMS.
+        lr_scale: ``relative`` (each tensor learns at ``lr`` times its RMS, see
+            :func:`training.adapt.param_groups`) or ``absolute`` (one rate for all).
         progress: Called as ``progress(epoch, epochs, metrics)`` with ``loss``,
             ``train_dice`` and ``heldout_dice``: after each epoch with ``epochs``, once at
             the end with ``steps``.
@@ -748,6 +761,7 @@ def finetune(
             steps=steps,
             epochs=epochs,
             lr=lr,
+            lr_scale=lr_scale,
             progress=progress,
             events=events,
             cancel=cancel,
@@ -777,6 +791,7 @@ def _finetune(
     steps: int | None,
     epochs: int | None,
     lr: float,
+    lr_scale: str,
     progress: Progress | None,
     events: Events | None,
     cancel: CancelToken | None,
@@ -792,7 +807,9 @@ def _finetune(
     resume: bool,
     reference: str | Path | None,
 ) -> Path:
-    _check_options(steps, epochs, lr, batch_size, max_minutes, replay, changed_weight, augment)
+    _check_options(
+        steps, epochs, lr, lr_scale, batch_size, max_minutes, replay, changed_weight, augment
+    )
     per_epoch_eval = epochs is not None
     if not per_epoch_eval and steps is None:
         steps = DEFAULT_STEPS
@@ -818,6 +835,7 @@ def _finetune(
         "epochs": epochs if per_epoch_eval else None,
         "total_steps": total_steps,
         "lr": lr,
+        "lr_scale": lr_scale,
         "batch_size": batch_size,
         "replay": replay,
         "changed_weight": changed_weight,
@@ -882,10 +900,8 @@ def _finetune(
         seed=seed,
     )
     criterion = WeightedBCEDiceLoss(changed_weight)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=total_steps, eta_min=lr * 0.01
-    )
+    optimizer = torch.optim.Adam(param_groups(model, lr, lr_scale), weight_decay=1e-4)
+    scheduler = cosine_schedule(optimizer, total_steps)
     scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
     after = before
     step = 0
@@ -1046,6 +1062,7 @@ def _finetune(
             "schedule": "epochs" if per_epoch_eval else "steps",
             "epochs": epochs,
             "lr": lr,
+            "lr_scale": lr_scale,
             "seed": seed,
             "batch_size": per_batch,
             "replay": {"share": replay, "per_batch": n_replay},
@@ -1170,7 +1187,16 @@ def _parser() -> argparse.ArgumentParser:
         "--lr",
         type=number(positive=True),
         default=DEFAULT_LR,
-        help=f"Adam learning rate (default {DEFAULT_LR:g})",
+        help=f"Adam learning rate (default {DEFAULT_LR:g}); with --lr-scale relative, per "
+        "unit of each weight tensor's RMS",
+    )
+    p.add_argument(
+        "--lr-scale",
+        choices=LR_SCALES,
+        default=DEFAULT_LR_SCALE,
+        help="relative (default): each weight tensor learns at --lr times its RMS, so "
+        "that every layer of the fused network moves by the same share of itself; "
+        "absolute: one learning rate for all",
     )
     p.add_argument(
         "--batch-size",
@@ -1307,6 +1333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             steps=args.steps,
             epochs=args.epochs,
             lr=args.lr,
+            lr_scale=args.lr_scale,
             progress=report,
             events=on_event,
             cancel=cancel,
