@@ -119,6 +119,7 @@ def make_centre(kvasir: Path, work: Path, n_corrected: int, n_other: int, seed: 
     """Write ``work/centre/{corrected,other}/{images,masks}`` (once; reused after)."""
     stamp = work / "centre" / "made.json"
     recipe = {"shift": SHIFT, "n_corrected": n_corrected, "n_other": n_other, "seed": seed}
+    recipe = json.loads(json.dumps(recipe))  # as read back (the gains' tuple is a list)
     if stamp.is_file() and json.loads(stamp.read_text()) == recipe:
         return
     val = sorted(json.loads((kvasir / "splits.json").read_text())["val"])
