@@ -90,6 +90,10 @@ VARIANTS: dict[str, list[str]] = {
     "plain": ["--replay", "0", "--changed-weight", "1"],
     "no-replay": ["--replay", "0"],
     "no-weight": ["--changed-weight", "1"],
+    "no-recolour": ["--recolour", "0"],
+    # the defaults with other seeds (another held-out split, sampling and augmentation)
+    "seed-1": ["--seed", "1"],
+    "seed-2": ["--seed", "2"],
     "mild-augment": ["--augment", "mild"],
     # longer schedules: does more of the same schedule move the centre further?
     "steps-200": ["--steps", "200"],

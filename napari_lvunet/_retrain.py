@@ -61,6 +61,7 @@ _RESUME_FLAGS = (
     ("lr_scale", "--lr-scale"),
     ("batch_size", "--batch-size"),
     ("replay", "--replay"),
+    ("recolour", "--recolour"),
     ("changed_weight", "--changed-weight"),
     ("augment", "--augment"),
     ("seed", "--seed"),

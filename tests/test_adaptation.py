@@ -143,6 +143,43 @@ def caches(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     )
 
 
+def test_recolour_gives_each_channel_the_target_mean_and_spread() -> None:
+    gen = torch.Generator().manual_seed(0)
+    image = 0.3 + 0.2 * torch.rand(3, 64, 64, generator=gen)
+    colours = torch.tensor([[0.6, 0.35, 0.3], [0.08, 0.05, 0.04]])  # means, spreads
+    out = adapt.recolour(image, colours)
+    assert out.shape == image.shape and float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    assert torch.allclose(out.mean((1, 2)), colours[0], rtol=1e-4)
+    assert torch.allclose(out.std((1, 2)), colours[1], rtol=1e-3)
+    stats = adapt.colour_stats((torch.stack([image, out]) * 255).round().to(torch.uint8))
+    assert stats.shape == (2, 3)
+    assert torch.allclose(stats[0], (image.mean((1, 2)) + colours[0]) / 2, atol=3e-3)
+
+
+def test_replay_is_recoloured_in_its_share_of_draws_the_same_on_every_call(caches: tuple) -> None:
+    _, replay_cache = caches
+    colours = torch.tensor([[0.2, 0.5, 0.7], [0.1, 0.1, 0.1]])
+    plain = adapt.PairDataset(replay_cache, None)
+    keys = [(i, d) for i in range(len(replay_cache)) for d in range(20)]
+
+    def recoloured(share: float) -> list[bool]:
+        pairs = adapt.PairDataset(replay_cache, None, colours=colours, recolour_share=share)
+        flags = []
+        for key in keys:
+            image, both = pairs[key]
+            again, _ = pairs[key]
+            assert torch.equal(image, again)  # a pure function of (seed, draw, index)
+            assert torch.equal(both, plain[key][1])  # the masks are never touched
+            flags.append(not torch.equal(image, plain[key][0]))
+        return flags
+
+    assert not any(recoloured(0.0)) and all(recoloured(1.0))
+    half = recoloured(0.5)
+    assert 0.3 < sum(half) / len(half) < 0.7
+    with pytest.raises(ValueError, match="recolour"):
+        adapt.PairDataset(replay_cache, None, recolour_share=0.5)  # no colours to move to
+
+
 def test_mixed_batches_mix_the_share_and_see_every_user_pair_equally(caches: tuple) -> None:
     user_cache, replay_cache = caches
     changed = torch.zeros_like(user_cache.masks)
@@ -313,12 +350,17 @@ def test_finetune_command_with_replay_and_weights_records_them(tmp_path: Path) -
     assert [e["epoch"] for e in events if e["event"] == "eval"] == [0, 2]  # before, after
     meta = read_metadata(events[-1]["weights"])["finetune"]
     assert meta["schedule"] == "steps" and meta["steps"] == 3
-    assert meta["replay"] == {"share": 0.34, "per_batch": 1}
+    assert meta["replay"] == {"share": 0.34, "per_batch": 1, "recolour": 0.5}
+    assert meta["lr"] == 3e-3 and meta["lr_scale"] == "relative"
     assert meta["changed_weight"] == 3.0 and meta["augment"] == "camera"
     bad = subprocess.run(
         [*cmd[:-8], "--replay", "1"], cwd=REPO, env=env, capture_output=True, text=True
     )
     assert bad.returncode == 2 and "share in [0, 1)" in bad.stderr
+    bad = subprocess.run(
+        [*cmd[:-8], "--recolour", "1.5"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "share in [0, 1]" in bad.stderr
 
 
 # -- the shipped sets and their scoring -------------------------------------------------------

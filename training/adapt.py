@@ -13,6 +13,11 @@ it can be tested on tiny data and measured (``benchmarks/bench_adaptation.py``):
   the pixels where the start model's proposal differs from the corrected mask are what
   the user taught; they weigh ``changed_weight`` times the pixels the model already had
   right.
+* **Replay in the user's colours** (:func:`colour_stats`, :func:`recolour`): a share of
+  the replay images is shown with the colour statistics of the user's images (each
+  channel's mean and spread moved to theirs), so the model sees many more polyps in
+  the new camera's colours than the user corrected, and the rest of the replay images
+  keep the old colours in view.
 * **Stronger photometric augmentation** (:class:`CameraAugment`): per-channel gains
   (white balance), gamma and blur on top of :class:`training.data.Augment`, the ways in
   which a second centre's camera differs.
@@ -55,6 +60,7 @@ DEFAULT_LR = 3e-3  # relative to each tensor's RMS (DEFAULT_LR_SCALE)
 DEFAULT_LR_SCALE = "relative"
 DEFAULT_BATCH_SIZE = 4  # the user's pairs per step; replay pairs come on top
 DEFAULT_REPLAY = 0.25  # share of every batch taken from the replay set
+DEFAULT_RECOLOUR = 0.5  # share of the replay images shown in the user's colours
 DEFAULT_CHANGED_WEIGHT = 3.0
 DEFAULT_AUGMENT = "camera"
 
@@ -65,6 +71,7 @@ __all__ = [
     "DEFAULT_CHANGED_WEIGHT",
     "DEFAULT_LR",
     "DEFAULT_LR_SCALE",
+    "DEFAULT_RECOLOUR",
     "DEFAULT_REPLAY",
     "DEFAULT_STEPS",
     "LR_SCALES",
@@ -74,12 +81,15 @@ __all__ = [
     "PairDataset",
     "WeightedBCEDiceLoss",
     "changed_pixels",
+    "colour_stats",
     "content_digest",
     "cosine_schedule",
     "group_by_content",
     "param_groups",
+    "parse_fraction",
     "parse_share",
     "parse_weight",
+    "recolour",
     "replay_count",
     "schedule",
 ]
@@ -223,15 +233,31 @@ class PairDataset(Dataset):
             with ``augment``).
         changed: ``(N, 1, H, W)`` uint8 at the cache's size (:func:`changed_pixels`), or
             ``None`` (no pixel weighs more).
+        colours: ``(2, 3)`` channel means and spreads (:func:`colour_stats`) to show a
+            share of the items in, or ``None``.
+        recolour_share: The share of items (each draw decided by a seeded coin, a pure
+            function of ``(seed, draw, index)``) that :func:`recolour` moves to
+            ``colours``.
     """
 
-    def __init__(self, cache: CachedSegmentationDataset, changed: torch.Tensor | None) -> None:
+    def __init__(
+        self,
+        cache: CachedSegmentationDataset,
+        changed: torch.Tensor | None,
+        *,
+        colours: torch.Tensor | None = None,
+        recolour_share: float = 0.0,
+    ) -> None:
         if cache.augment is None:
             raise ValueError("PairDataset augments: give a cache built with augment")
         if changed is not None and changed.shape != cache.masks.shape:
             raise ValueError(f"changed map {tuple(changed.shape)} != {tuple(cache.masks.shape)}")
+        if not 0.0 <= recolour_share <= 1.0 or (recolour_share and colours is None):
+            raise ValueError(f"cannot recolour a share of {recolour_share} (colours: {colours})")
         self.cache = cache
         self.changed = changed
+        self.colours = colours
+        self.recolour_share = recolour_share
 
     def __len__(self) -> int:
         return len(self.cache)
@@ -245,9 +271,36 @@ class PairDataset(Dataset):
             both = torch.cat([both, self.changed[index]])
         else:
             both = torch.cat([both, torch.zeros_like(both)])
-        gen = torch.Generator().manual_seed((c.seed * 1_000_003 + draw * 10_007 + index) % (2**63))
+        seed = (c.seed * 1_000_003 + draw * 10_007 + index) % (2**63)
         assert c.augment is not None
-        return c.augment(c.images[index], both, c.size, gen)
+        image, both = c.augment(c.images[index], both, c.size, torch.Generator().manual_seed(seed))
+        if self.recolour_share:
+            coin = torch.rand((), generator=torch.Generator().manual_seed(seed ^ 0x5EED))
+            if float(coin) < self.recolour_share:
+                assert self.colours is not None
+                image = recolour(image, self.colours)
+        return image, both
+
+
+def colour_stats(images: torch.Tensor) -> torch.Tensor:
+    """The colours of a set of images: ``(2, 3)``, the mean over the images of each
+    channel's mean (row 0) and standard deviation (row 1), in [0, 1].
+
+    Args:
+        images: ``(N, 3, H, W)`` uint8 (a cache's images).
+    """
+    x = images.float().div(255.0)
+    return torch.stack([x.mean((2, 3)).mean(0), x.std((2, 3)).mean(0)])
+
+
+def recolour(image: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
+    """Show a ``(3, H, W)`` image in [0, 1] in other colours: each channel's mean and
+    standard deviation become those of ``colours`` (:func:`colour_stats`), clipped to
+    [0, 1] (a colour transfer in RGB)."""
+    mean = image.mean((1, 2), keepdim=True)
+    std = image.std((1, 2), keepdim=True).clamp_min(1e-3)
+    out = (image - mean) / std * colours[1].view(3, 1, 1) + colours[0].view(3, 1, 1)
+    return out.clamp_(0.0, 1.0)
 
 
 #: ``lr_scale``: ``relative`` (each tensor's learning rate is ``lr`` times its RMS) or
@@ -465,12 +518,22 @@ class WeightedBCEDiceLoss(nn.Module):
 
 def parse_share(text: str) -> float:
     """Command-line type of ``--replay``: a share in [0, 1)."""
+    return _parse_share(text, one=False)
+
+
+def parse_fraction(text: str) -> float:
+    """Command-line type of ``--recolour``: a share in [0, 1]."""
+    return _parse_share(text, one=True)
+
+
+def _parse_share(text: str, *, one: bool) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (math.isfinite(value) and 0.0 <= value < 1.0):
-        raise argparse.ArgumentTypeError(f"must be a share in [0, 1), got {text}")
+    if not (math.isfinite(value) and value >= 0.0 and (value < 1.0 or (one and value == 1.0))):
+        interval = "[0, 1]" if one else "[0, 1)"
+        raise argparse.ArgumentTypeError(f"must be a share in {interval}, got {text}")
     return value
 
 

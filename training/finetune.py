@@ -16,8 +16,10 @@ on and its ``val`` split held out; ``test`` is never touched.
 The schedule is a fixed number of optimiser steps (``--steps``, default 100 at 4 of the
 user's images a step; ``--epochs`` instead counts passes over the images). Against
 forgetting, every batch also holds a share of the shipped Kvasir-SEG replay images
-(``--replay``), and the pixels where the start model's proposal differs from the
-corrected mask weigh more (``--changed-weight``); the ``camera`` augmentation varies
+(``--replay``), half of them shown in the colours of the user's images (``--recolour``:
+more polyps in the new camera's colours than were corrected), and the pixels where the
+start model's proposal differs from the corrected mask weigh more
+(``--changed-weight``); the ``camera`` augmentation varies
 colour balance, gamma and sharpness as another centre's camera does. Each weight tensor
 learns at ``--lr`` times its own RMS (``--lr-scale relative``): a fused network has no
 BatchNorm left to keep its layers' scales, which span three orders of magnitude. The
@@ -117,6 +119,7 @@ from .adapt import (
     DEFAULT_CHANGED_WEIGHT,
     DEFAULT_LR,
     DEFAULT_LR_SCALE,
+    DEFAULT_RECOLOUR,
     DEFAULT_REPLAY,
     DEFAULT_STEPS,
     LR_SCALES,
@@ -124,8 +127,10 @@ from .adapt import (
     PairDataset,
     WeightedBCEDiceLoss,
     changed_pixels,
+    colour_stats,
     cosine_schedule,
     param_groups,
+    parse_fraction,
     parse_share,
     parse_weight,
     replay_count,
@@ -646,6 +651,7 @@ def _check_options(
     batch_size: int,
     max_minutes: float | None,
     replay: float,
+    recolour: float,
     changed_weight: float,
     augment: str,
 ) -> None:
@@ -657,6 +663,8 @@ def _check_options(
         raise FinetuneError("batch_size must be at least 1")
     if not (math.isfinite(replay) and 0 <= replay < 1):
         raise FinetuneError(f"replay must be a share in [0, 1), got {replay}")
+    if not (math.isfinite(recolour) and 0 <= recolour <= 1):
+        raise FinetuneError(f"recolour must be a share in [0, 1], got {recolour}")
     if not (math.isfinite(changed_weight) and changed_weight >= 1):
         raise FinetuneError(f"changed_weight must be at least 1, got {changed_weight}")
     if augment not in AUGMENTS:
@@ -686,6 +694,7 @@ def finetune(
     batch_size: int = DEFAULT_BATCH_SIZE,
     heldout_fraction: float = 0.2,
     replay: float | None = None,
+    recolour: float = DEFAULT_RECOLOUR,
     changed_weight: float = DEFAULT_CHANGED_WEIGHT,
     augment: str = DEFAULT_AUGMENT,
     device: str = "auto",
@@ -727,6 +736,9 @@ def finetune(
         heldout_fraction: Share of images held out (at least one) without splits.json.
         replay: Share of every batch taken from the shipped replay set (Kvasir-SEG train
             images, :func:`training.reference.replay_pairs`), against forgetting; 0 = off.
+        recolour: Share of the replay images shown in the colours of the user's
+            training images (:func:`training.adapt.recolour`): more polyps in the new
+            camera's colours than the user corrected; 0 = off.
         changed_weight: Weight, in the cross-entropy, of the pixels where the start
             model's proposal differs from the mask (1 = all pixels alike).
         augment: ``camera`` (colour, gamma and blur as another camera differs) or
@@ -770,6 +782,7 @@ def finetune(
             batch_size=batch_size,
             heldout_fraction=heldout_fraction,
             replay=default_replay(weights) if replay is None else replay,
+            recolour=recolour,
             changed_weight=changed_weight,
             augment=augment,
             device=device,
@@ -800,6 +813,7 @@ def _finetune(
     batch_size: int,
     heldout_fraction: float,
     replay: float,
+    recolour: float,
     changed_weight: float,
     augment: str,
     device: str,
@@ -808,7 +822,16 @@ def _finetune(
     reference: str | Path | None,
 ) -> Path:
     _check_options(
-        steps, epochs, lr, lr_scale, batch_size, max_minutes, replay, changed_weight, augment
+        steps,
+        epochs,
+        lr,
+        lr_scale,
+        batch_size,
+        max_minutes,
+        replay,
+        recolour,
+        changed_weight,
+        augment,
     )
     per_epoch_eval = epochs is not None
     if not per_epoch_eval and steps is None:
@@ -838,6 +861,7 @@ def _finetune(
         "lr_scale": lr_scale,
         "batch_size": batch_size,
         "replay": replay,
+        "recolour": recolour,
         "changed_weight": changed_weight,
         "augment": augment,
         "seed": seed,
@@ -894,7 +918,14 @@ def _finetune(
     )
     batches = MixedBatches(
         PairDataset(train_ds, changed),
-        PairDataset(replay_ds, None) if n_replay else None,
+        PairDataset(
+            replay_ds,
+            None,
+            colours=colour_stats(train_ds.images) if recolour else None,
+            recolour_share=recolour,
+        )
+        if n_replay
+        else None,
         user_per_batch=per_batch,
         replay_per_batch=n_replay,
         seed=seed,
@@ -1065,7 +1096,7 @@ def _finetune(
             "lr_scale": lr_scale,
             "seed": seed,
             "batch_size": per_batch,
-            "replay": {"share": replay, "per_batch": n_replay},
+            "replay": {"share": replay, "per_batch": n_replay, "recolour": recolour},
             "changed_weight": changed_weight,
             "augment": augment,
             "steps": step,
@@ -1214,6 +1245,15 @@ def _parser() -> argparse.ArgumentParser:
         "learnt from another data set; 0 = off)",
     )
     p.add_argument(
+        "--recolour",
+        type=parse_fraction,
+        default=DEFAULT_RECOLOUR,
+        metavar="SHARE",
+        help="share of the replay images shown in the colours of your images, so that "
+        f"the model sees more polyps in your camera's colours (default {DEFAULT_RECOLOUR:g}; "
+        "0 = off)",
+    )
+    p.add_argument(
         "--changed-weight",
         type=parse_weight,
         default=DEFAULT_CHANGED_WEIGHT,
@@ -1341,6 +1381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             batch_size=args.batch_size,
             replay=args.replay,
+            recolour=args.recolour,
             changed_weight=args.changed_weight,
             augment=args.augment,
             device=args.device,
