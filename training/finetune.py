@@ -19,11 +19,11 @@ forgetting, every batch also holds a share of the shipped Kvasir-SEG replay imag
 (``--replay``), half of them shown in the colours of the user's images (``--recolour``:
 more polyps in the new camera's colours than were corrected), and the pixels where the
 start model's proposal differs from the corrected mask weigh more
-(``--changed-weight``); the ``camera`` augmentation varies
-colour balance, gamma and sharpness as another centre's camera does. Each weight tensor
-learns at ``--lr`` times its own RMS (``--lr-scale relative``): a fused network has no
-BatchNorm left to keep its layers' scales, which span three orders of magnitude. The
-levers live in :mod:`training.adapt`; ``benchmarks/bench_adaptation.py`` measures them.
+(``--changed-weight``); the ``camera`` augmentation varies colour balance, gamma and
+sharpness as another centre's camera does. Each weight tensor learns at ``--lr`` times
+its own RMS (``--lr-scale relative``): a fused network has no BatchNorm left to keep its
+layers' scales, which span three orders of magnitude. The levers live in
+:mod:`training.adapt`; ``benchmarks/bench_adaptation.py`` measures them.
 
 The start is a training checkpoint (``.pt``, unfused, read with ``weights_only=True``)
 when given, else fused weights (a registry name or a ``.safetensors`` file), which are
